@@ -1,0 +1,1 @@
+//! LLM wire formats, with no sockets and no async runtime.
