@@ -12,15 +12,16 @@
 //! taken atomically, or nothing taken) and, when the call ends, `settle` (reservations
 //! replaced by the real cost in the window they were made in).
 
+pub mod cel;
 pub mod counter;
+pub mod policy;
 pub mod store;
 pub mod time;
 pub mod window;
 
 pub use counter::{CounterId, CounterKind, CounterOp, Need, Rate};
 pub use store::{
-    Admission, CounterSnapshot, CounterView, InspectFilter, Refusal, Settlement, Store,
-    StoreError,
+    Admission, CounterSnapshot, CounterView, InspectFilter, Refusal, Settlement, Store, StoreError,
 };
 pub use time::{Clock, ManualClock, SystemClock};
 pub use window::Window;

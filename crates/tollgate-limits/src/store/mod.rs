@@ -12,6 +12,8 @@
 //! - Ended windows are kept for a settlement grace, then reclaimed by `sweep`.
 
 pub mod memory;
+#[cfg(any(test, feature = "test-suite"))]
+pub mod suite;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -70,7 +72,9 @@ pub struct Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     /// Everything taken; one snapshot per op, in the order given.
-    Admitted { snapshots: Vec<CounterSnapshot> },
+    Admitted {
+        snapshots: Vec<CounterSnapshot>,
+    },
     Refused(Refusal),
 }
 
@@ -125,8 +129,11 @@ pub trait Store: Send + Sync + 'static {
     async fn settle(&self, now: Millis, settlements: &[Settlement]) -> Result<(), StoreError>;
 
     /// Current windows (and ended windows still in their grace), for the admin API.
-    async fn inspect(&self, now: Millis, filter: &InspectFilter)
-        -> Result<Vec<CounterView>, StoreError>;
+    async fn inspect(
+        &self,
+        now: Millis,
+        filter: &InspectFilter,
+    ) -> Result<Vec<CounterView>, StoreError>;
 
     /// Forget every window of one counter. Returns how many windows were removed.
     async fn reset(&self, id: &CounterId) -> Result<u64, StoreError>;

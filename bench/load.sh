@@ -1,0 +1,348 @@
+#!/usr/bin/env bash
+# bench/load.sh: end-to-end load benchmark of tollgate, printed as one table.
+#
+# Usage:
+#   bench/load.sh [table] [options]   non-streaming chat completions (max_tokens 16, a small
+#                                     body, simulator latency 0) at saturation and at a fixed
+#                                     offered load
+#   bench/load.sh stream [options]    streaming overhead: a 500-token SSE stream
+#                                     (stream_options.include_usage, ms_per_token 0) at low
+#                                     concurrency; time to first byte and total time
+#
+# Options:
+#   --install-nginx   apt-get install nginx when it is missing (adds the nginx row)
+#   --no-nginx        skip the nginx row even when nginx is installed
+#   --no-gateway      skip the tollgate row (to try the harness alone)
+#   --no-build        do not run cargo; use the release binaries already built
+#   --access-log      turn on tollgate's access log (and nginx's) instead of leaving both off
+#
+# Environment (defaults in brackets):
+#   CONCURRENCY [32]        workers (= connections) for the table
+#   STREAM_CONCURRENCY [4]  workers for `stream`
+#   STREAM_TOKENS [500]     tokens per stream
+#   DURATION [5s] WARMUP [1s]  per run; RUNS [3] runs per measurement (the median is shown)
+#   LOAD_THREADS [1]        tokio threads of the load generator (leave cores for the servers)
+#   CARGO_TARGET_DIR        where binaries are built/found [<repo>/target]
+#   SIM_CMD                 simulator command [<bin>/tollgate sim]
+#
+# What it measures, in one run:
+#   (a) direct:   tollgate-load -> `tollgate sim`
+#   (b) tollgate: tollgate-load -> `tollgate serve -c bench/quickstart-bench.yaml` -> sim
+#                 (API key auth, the quickstart TokenRateLimitPolicy's CEL predicates,
+#                 tokens counted from each response; limits so high nothing is refused)
+#   (c) nginx:    tollgate-load -> nginx (plain reverse proxy, keepalive upstream) -> sim,
+#                 when nginx is installed
+# each closed-loop at saturation (CONCURRENCY workers) and open-loop at a fixed offered load
+# of a quarter of the direct saturation throughput (latency measured from the scheduled send
+# time, so queueing is not hidden). Every figure is the median of RUNS runs. Every request
+# (to every target) carries the same `Authorization: APIKEY iamafreeuser` header.
+#
+# Everything listens on 127.0.0.1 on free ports; every process started here is stopped on
+# exit. All processes share this machine's cores: the load generator, the proxy under test
+# and the simulator compete for CPU, so read the figures as relative, not absolute.
+set -euo pipefail
+
+MODE=table
+INSTALL_NGINX=0
+USE_NGINX=1
+USE_GATEWAY=1
+BUILD=1
+ACCESS_LOG=0
+for arg in "$@"; do
+  case "$arg" in
+    table|stream) MODE=$arg ;;
+    --install-nginx) INSTALL_NGINX=1 ;;
+    --no-nginx) USE_NGINX=0 ;;
+    --no-gateway) USE_GATEWAY=0 ;;
+    --no-build) BUILD=0 ;;
+    --access-log) ACCESS_LOG=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "load.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+CONCURRENCY=${CONCURRENCY:-32}
+STREAM_CONCURRENCY=${STREAM_CONCURRENCY:-4}
+STREAM_TOKENS=${STREAM_TOKENS:-500}
+DURATION=${DURATION:-5s}
+WARMUP=${WARMUP:-1s}
+RUNS=${RUNS:-3}
+LOAD_THREADS=${LOAD_THREADS:-1}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+TOLLGATE=$BIN/tollgate
+LOAD=$BIN/tollgate-load
+AUTH_HEADER="Authorization: APIKEY iamafreeuser"
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "load.sh: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes and cleanup
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-bench.XXXXXX")
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A port nothing listens on (checked, then handed to the server; the window is tiny).
+TAKEN_PORTS=" "
+free_port() {
+  local p i
+  for i in $(seq 1 100); do
+    p=$((20000 + RANDOM % 40000))
+    [[ $TAKEN_PORTS == *" $p "* ]] && continue
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      TAKEN_PORTS+="$p "
+      echo "$p"
+      return 0
+    fi
+  done
+  die "no free port found"
+}
+
+# wait_http URL NAME LOGFILE: until URL answers 2xx (10 s at most).
+wait_http() {
+  local url=$1 name=$2 logfile=$3 i code
+  for i in $(seq 1 200); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$url" 2>/dev/null || true)
+    [[ $code == 2* ]] && return 0
+    sleep 0.05
+  done
+  log "---- $name log ($logfile):"
+  tail -n 30 "$logfile" >&2 || true
+  die "$name did not become ready at $url"
+}
+
+# ---------------------------------------------------------------- build
+command -v curl >/dev/null || die "curl is required"
+if [[ $BUILD == 1 ]]; then
+  log "building release binaries (cargo build --release -p tollgate -p tollgate-bench)..."
+  if [[ $USE_GATEWAY == 1 || -z ${SIM_CMD:-} ]]; then
+    (cd "$ROOT" && cargo build --release -q -p tollgate -p tollgate-bench)
+  else
+    (cd "$ROOT" && cargo build --release -q -p tollgate-bench)
+  fi
+fi
+[[ -x $LOAD ]] || die "$LOAD not found (build it, or set CARGO_TARGET_DIR)"
+if [[ $USE_GATEWAY == 1 || -z ${SIM_CMD:-} ]]; then
+  [[ -x $TOLLGATE ]] || die "$TOLLGATE not found (build it, or set CARGO_TARGET_DIR)"
+fi
+read -r -a SIM_ARGV <<<"${SIM_CMD:-$TOLLGATE sim}"
+
+# ---------------------------------------------------------------- nginx
+NGINX=""
+if [[ $USE_NGINX == 1 ]]; then
+  if ! command -v nginx >/dev/null && [[ $INSTALL_NGINX == 1 ]]; then
+    log "installing nginx (apt-get)..."
+    # Keep the package's post-install from starting a system-wide nginx on port 80.
+    POLICY=/usr/sbin/policy-rc.d
+    ADDED_POLICY=0
+    if [[ ! -e $POLICY ]]; then
+      printf '#!/bin/sh\nexit 101\n' >"$POLICY" && chmod +x "$POLICY" && ADDED_POLICY=1
+    fi
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx) >&2 \
+      || log "nginx install failed; skipping the nginx row"
+    [[ $ADDED_POLICY == 1 ]] && rm -f "$POLICY"
+  fi
+  NGINX=$(command -v nginx || true)
+  [[ -z $NGINX ]] && log "nginx not installed: skipping its row (pass --install-nginx to add it)"
+fi
+
+# ---------------------------------------------------------------- start the servers
+SIM_PORT=$(free_port)
+"${SIM_ARGV[@]}" --listen "127.0.0.1:$SIM_PORT" --latency-ms 0 --ms-per-token 0 \
+  >"$TMP/sim.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$SIM_PORT/v1/models" "simulator" "$TMP/sim.log"
+
+GW_PORT=""
+if [[ $USE_GATEWAY == 1 ]]; then
+  GW_PORT=$(free_port)
+  ADMIN_PORT=$(free_port)
+  sed -e "s/127\.0\.0\.1:8080/127.0.0.1:$GW_PORT/" \
+      -e "s/127\.0\.0\.1:9901/127.0.0.1:$ADMIN_PORT/" \
+      -e "s/127\.0\.0\.1:8000/127.0.0.1:$SIM_PORT/" \
+      "$ROOT/bench/quickstart-bench.yaml" >"$TMP/tollgate.yaml"
+  if [[ $ACCESS_LOG == 1 ]]; then
+    sed -i -e 's/access_log: false/access_log: true/' "$TMP/tollgate.yaml"
+  fi
+  "$TOLLGATE" serve -c "$TMP/tollgate.yaml" >"$TMP/tollgate.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$ADMIN_PORT/healthz" "tollgate" "$TMP/tollgate.log"
+fi
+
+NGINX_PORT=""
+if [[ -n $NGINX ]]; then
+  NGINX_PORT=$(free_port)
+  mkdir -p "$TMP/nginx/tmp"
+  chmod -R a+rwx "$TMP/nginx"
+  chmod a+rx "$TMP"
+  if [[ $ACCESS_LOG == 1 ]]; then NGINX_ACCESS="access_log $TMP/nginx/access.log;"; else NGINX_ACCESS="access_log off;"; fi
+  # SSE must be passed on as it comes; plain JSON keeps nginx's default buffering.
+  if [[ $MODE == stream ]]; then NGINX_BUFFERING="proxy_buffering off;"; else NGINX_BUFFERING=""; fi
+  cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes auto;
+daemon off;
+master_process on;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  $NGINX_ACCESS
+  client_body_temp_path $TMP/nginx/tmp/body;
+  proxy_temp_path $TMP/nginx/tmp/proxy;
+  fastcgi_temp_path $TMP/nginx/tmp/fastcgi;
+  uwsgi_temp_path $TMP/nginx/tmp/uwsgi;
+  scgi_temp_path $TMP/nginx/tmp/scgi;
+  keepalive_requests 1000000;
+  upstream sim {
+    server 127.0.0.1:$SIM_PORT;
+    keepalive 128;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://sim;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      $NGINX_BUFFERING
+    }
+  }
+}
+EOF
+  NGINX_FLAGS=(-p "$TMP/nginx/" -c "$TMP/nginx/nginx.conf")
+  if "$NGINX" -h 2>&1 | grep -q -- ' -e '; then NGINX_FLAGS+=(-e "$TMP/nginx/error.log"); fi
+  "$NGINX" "${NGINX_FLAGS[@]}" >"$TMP/nginx.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$NGINX_PORT/v1/models" "nginx" "$TMP/nginx/error.log"
+fi
+
+# ---------------------------------------------------------------- requests
+if [[ $MODE == stream ]]; then
+  BODY="{\"model\":\"sim\",\"messages\":[{\"role\":\"user\",\"content\":\"Tell me a long story about a toll gate\"}],\"max_tokens\":$STREAM_TOKENS,\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
+  C=$STREAM_CONCURRENCY
+  STREAM_FLAG=(--stream)
+else
+  BODY='{"model":"sim","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
+  C=$CONCURRENCY
+  STREAM_FLAG=()
+fi
+PATH_=/v1/chat/completions
+
+# Refuse to measure a target that does not answer 200 (e.g. a config problem).
+check_target() {
+  local name=$1 url=$2 code
+  code=$(curl -s -o "$TMP/check.out" -w '%{http_code}' -H "$AUTH_HEADER" \
+    -H 'content-type: application/json' --data "$BODY" "$url" || true)
+  if [[ $code != 200 ]]; then
+    log "---- response of $name ($code):"
+    head -c 600 "$TMP/check.out" >&2 || true
+    log ""
+    die "$name does not answer 200 at $url"
+  fi
+}
+
+TARGETS=(direct)
+declare -A URL=([direct]="http://127.0.0.1:$SIM_PORT$PATH_")
+declare -A LABEL=([direct]="direct (tollgate sim)" [tollgate]="tollgate (quickstart policies)" [nginx]="nginx (reverse proxy)")
+if [[ -n $GW_PORT ]]; then TARGETS+=(tollgate); URL[tollgate]="http://127.0.0.1:$GW_PORT$PATH_"; fi
+if [[ -n $NGINX_PORT ]]; then TARGETS+=(nginx); URL[nginx]="http://127.0.0.1:$NGINX_PORT$PATH_"; fi
+for t in "${TARGETS[@]}"; do check_target "$t" "${URL[$t]}"; done
+
+# ---------------------------------------------------------------- measuring
+# field JSON KEY / nested JSON OBJECT KEY: numbers out of tollgate-load's one-line report.
+field() { sed -nE "s/.*\"$2\":([0-9.]+).*/\1/p" <<<"$1"; }
+nested() { sed -nE "s/.*\"$2\":\{[^}]*\"$3\":([0-9.]+).*/\1/p" <<<"$1"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+
+declare -A RPS P50 P99 TTFB50 TTFB99 BAD
+# measure KEY URL [RATE]: RUNS runs, medians stored under KEY.
+measure() {
+  local key=$1 url=$2 rate=${3:-} i line rps=() p50=() p99=() t50=() t99=() bad=() ok req err
+  local rate_args=()
+  [[ -n $rate ]] && rate_args=(--rate "$rate")
+  for i in $(seq 1 "$RUNS"); do
+    line=$("$LOAD" --url "$url" --body "$BODY" -H "$AUTH_HEADER" -c "$C" -d "$DURATION" \
+      --warmup "$WARMUP" --threads "$LOAD_THREADS" "${rate_args[@]}" "${STREAM_FLAG[@]}")
+    echo "$key run $i: $line" >>"$TMP/runs.log"
+    rps+=("$(field "$line" rps)")
+    p50+=("$(nested "$line" latency_us p50)")
+    p99+=("$(nested "$line" latency_us p99)")
+    if [[ $MODE == stream ]]; then
+      t50+=("$(nested "$line" ttfb_us p50)")
+      t99+=("$(nested "$line" ttfb_us p99)")
+    fi
+    req=$(field "$line" requests); err=$(field "$line" errors)
+    ok=$(nested "$line" status 200); ok=${ok:-0}
+    bad+=("$((req - ok + err))")
+    log "  $key run $i/$RUNS: $(field "$line" rps) req/s, p50 $(nested "$line" latency_us p50) us, p99 $(nested "$line" latency_us p99) us"
+  done
+  RPS[$key]=$(median "${rps[@]}")
+  P50[$key]=$(median "${p50[@]}")
+  P99[$key]=$(median "${p99[@]}")
+  BAD[$key]=$(median "${bad[@]}")
+  if [[ $MODE == stream ]]; then
+    TTFB50[$key]=$(median "${t50[@]}")
+    TTFB99[$key]=$(median "${t99[@]}")
+  fi
+}
+
+cores=$(nproc 2>/dev/null || echo "?")
+log "measuring: $MODE mode, ${RUNS} runs x (${WARMUP} warm-up + ${DURATION}) per figure, $cores cores shared by all processes"
+
+if [[ $MODE == table ]]; then
+  for t in "${TARGETS[@]}"; do
+    log "saturation, $t (c=$C)..."
+    measure "sat_$t" "${URL[$t]}"
+  done
+  RATE=$(awk -v r="${RPS[sat_direct]}" 'BEGIN { printf "%d", r / 4 }')
+  [[ $RATE -ge 1 ]] || RATE=1
+  for t in "${TARGETS[@]}"; do
+    log "fixed load $RATE req/s, $t..."
+    measure "fix_$t" "${URL[$t]}" "$RATE"
+  done
+
+  echo
+  echo "tollgate end-to-end benchmark: POST $PATH_ (non-streaming, max_tokens 16), simulator latency 0"
+  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores"
+  echo
+  printf '%-32s %-24s %10s %10s %10s %12s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "p50 vs direct" "non-2xx/err"
+  printf '%-32s %-24s %10s %10s %10s %12s %6s\n' "------" "----" "-----" "------" "------" "-------------" "-----------"
+  for phase in sat fix; do
+    if [[ $phase == sat ]]; then load="saturation (c=$C)"; else load="fixed $RATE req/s"; fi
+    for t in "${TARGETS[@]}"; do
+      k=${phase}_$t
+      delta=$(awk -v a="${P50[$k]}" -v b="${P50[${phase}_direct]}" 'BEGIN { d = a - b; printf (d >= 0 ? "+%d us" : "%d us"), d }')
+      [[ $t == direct ]] && delta="-"
+      printf '%-32s %-24s %10s %10s %10s %12s %6s\n' "${LABEL[$t]}" "$load" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "$delta" "${BAD[$k]}"
+    done
+  done
+else
+  for t in "${TARGETS[@]}"; do
+    log "stream, $t (c=$C)..."
+    measure "str_$t" "${URL[$t]}"
+  done
+  echo
+  echo "tollgate streaming overhead: POST $PATH_ stream=true include_usage, $STREAM_TOKENS tokens (ms_per_token 0)"
+  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores"
+  echo
+  printf '%-32s %10s %12s %12s %12s %12s %6s\n' "target" "streams/s" "TTFB p50 us" "TTFB p99 us" "total p50 us" "total p99 us" "non-2xx/err"
+  printf '%-32s %10s %12s %12s %12s %12s %6s\n' "------" "---------" "-----------" "-----------" "------------" "------------" "-----------"
+  for t in "${TARGETS[@]}"; do
+    k=str_$t
+    printf '%-32s %10s %12s %12s %12s %12s %6s\n' "${LABEL[$t]}" "${RPS[$k]}" "${TTFB50[$k]}" "${TTFB99[$k]}" "${P50[$k]}" "${P99[$k]}" "${BAD[$k]}"
+  done
+fi
+echo

@@ -1,0 +1,379 @@
+//! Every call into the `cel` crate lives here: its API breaks with each minor release,
+//! so the rest of tollgate sees only [`Expr`], [`Attrs`] and [`EvalError`].
+//!
+//! Expressions compile once, at config load, against one shared environment (standard
+//! library plus the strings extension for `split`, `lowerAscii`, …). The request path
+//! only builds an activation ([`Attrs`]) and evaluates.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use cel::objects::Key;
+pub use cel::Value;
+use cel::{Context, Env};
+
+/// A compiled CEL expression with its source (for error messages and the admin API).
+#[derive(Clone)]
+pub struct Expr {
+    source: Arc<str>,
+    program: Arc<cel::Program>,
+}
+
+impl std::fmt::Debug for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Expr({:?})", self.source)
+    }
+}
+
+/// A compile error with its position inside the expression (1-based line and column).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (at {line}:{column} of the expression)")]
+pub struct CompileError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Why an expression could not be evaluated for one request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvalError {
+    #[error("{0}")]
+    Execution(String),
+    #[error("expected {expected}, got {got}")]
+    Type { expected: &'static str, got: String },
+}
+
+fn env() -> Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Env::stdlib();
+        // Registering a built-in extension into a fresh stdlib env cannot conflict; if a
+        // future release makes it fail, expressions using `split` fail to compile, loudly.
+        let _ = env.add_extension(cel::extensions::strings);
+        Arc::new(env)
+    })
+    .clone()
+}
+
+impl Expr {
+    pub fn compile(source: &str) -> Result<Self, CompileError> {
+        match env().compile(source) {
+            Ok(program) => Ok(Self {
+                source: Arc::from(source),
+                program: Arc::new(program),
+            }),
+            Err(errors) => {
+                let first = errors.errors.first();
+                Err(CompileError {
+                    line: first.map(|e| e.pos.0.max(1) as usize).unwrap_or(1),
+                    column: first.map(|e| e.pos.1.max(0) as usize + 1).unwrap_or(1),
+                    message: errors
+                        .errors
+                        .iter()
+                        .map(|e| e.msg.clone())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                })
+            }
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Top-level variables the expression reads (`request`, `auth`, …).
+    pub fn references_variable(&self, name: &str) -> bool {
+        self.program.references().has_variable(name)
+    }
+
+    /// Every `a.b.c` member path the expression reads, as dotted strings (best effort,
+    /// used for config warnings about attributes no auth source produces).
+    pub fn member_paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        collect_paths(&self.source, &mut out);
+        out
+    }
+
+    pub fn eval(&self, attrs: &Attrs) -> Result<Value, EvalError> {
+        let mut ctx = Context::with_env(env());
+        for (name, value) in &attrs.vars {
+            ctx.add_variable_from_value(*name, value.clone());
+        }
+        self.program
+            .execute(&ctx)
+            .map_err(|e| EvalError::Execution(e.to_string()))
+    }
+
+    pub fn eval_bool(&self, attrs: &Attrs) -> Result<bool, EvalError> {
+        match self.eval(attrs)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(EvalError::Type {
+                expected: "bool",
+                got: type_name(&other),
+            }),
+        }
+    }
+
+    /// A counter value: strings as they are, numbers and bools printed.
+    pub fn eval_key(&self, attrs: &Attrs) -> Result<String, EvalError> {
+        match self.eval(attrs)? {
+            Value::String(s) => Ok(s.as_str().to_owned()),
+            Value::Int(i) => Ok(i.to_string()),
+            Value::UInt(u) => Ok(u.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            Value::Float(f) => Ok(f.to_string()),
+            other => Err(EvalError::Type {
+                expected: "string or number",
+                got: type_name(&other),
+            }),
+        }
+    }
+
+    /// A cost: non-negative integer (negative clamps to 0, floats round up).
+    pub fn eval_cost(&self, attrs: &Attrs) -> Result<u64, EvalError> {
+        match self.eval(attrs)? {
+            Value::Int(i) => Ok(i.max(0) as u64),
+            Value::UInt(u) => Ok(u),
+            Value::Float(f) if f.is_finite() => Ok(f.max(0.0).ceil() as u64),
+            other => Err(EvalError::Type {
+                expected: "number",
+                got: type_name(&other),
+            }),
+        }
+    }
+}
+
+fn type_name(v: &Value) -> String {
+    match v {
+        Value::List(_) => "list",
+        Value::Map(_) => "map",
+        Value::Function(..) => "function",
+        Value::Int(_) => "int",
+        Value::UInt(_) => "uint",
+        Value::Float(_) => "double",
+        Value::String(_) => "string",
+        Value::Bytes(_) => "bytes",
+        Value::Bool(_) => "bool",
+        Value::Null => "null",
+        _ => "other",
+    }
+    .to_owned()
+}
+
+/// Dotted identifier chains in the source (`auth.identity.groups`), skipping string
+/// literals. Good enough for warnings; never used for evaluation.
+fn collect_paths(src: &str, out: &mut Vec<String>) {
+    let mut chars = src.char_indices().peekable();
+    let mut current = String::new();
+    let mut quote: Option<char> = None;
+    while let Some((_, c)) = chars.next() {
+        if let Some(q) = quote {
+            if c == '\\' {
+                chars.next();
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        if c == '"' || c == '\'' {
+            quote = Some(c);
+            if !current.is_empty() {
+                out.push(std::mem::take(&mut current));
+            }
+            continue;
+        }
+        if c.is_ascii_alphanumeric() || c == '_' || (c == '.' && !current.is_empty()) {
+            current.push(c);
+        } else if !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out.retain(|p| p.contains('.') && !p.starts_with(|c: char| c.is_ascii_digit()));
+    for p in out.iter_mut() {
+        while p.ends_with('.') {
+            p.pop();
+        }
+    }
+}
+
+/// The activation for one evaluation: top-level variables by name.
+#[derive(Debug, Clone, Default)]
+pub struct Attrs {
+    vars: Vec<(&'static str, Value)>,
+}
+
+impl Attrs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn set(&mut self, name: &'static str, value: Value) {
+        if let Some(slot) = self.vars.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = value;
+        } else {
+            self.vars.push((name, value));
+        }
+    }
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
+
+/// Build a CEL map from string keys.
+pub fn map<I, K>(entries: I) -> Value
+where
+    I: IntoIterator<Item = (K, Value)>,
+    K: Into<String>,
+{
+    let map: HashMap<Key, Value> = entries
+        .into_iter()
+        .map(|(k, v)| (Key::String(Arc::new(k.into())), v))
+        .collect();
+    Value::from(map)
+}
+
+pub fn string(s: impl Into<String>) -> Value {
+    Value::String(Arc::new(s.into()))
+}
+
+pub fn uint(n: u64) -> Value {
+    Value::UInt(n)
+}
+
+pub fn int(n: i64) -> Value {
+    Value::Int(n)
+}
+
+/// Convert JSON (claims, identities from config) into a CEL value.
+pub fn from_json(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::UInt(u)
+            } else {
+                Value::Float(n.as_f64().unwrap_or(0.0))
+            }
+        }
+        serde_json::Value::String(s) => string(s.as_str()),
+        serde_json::Value::Array(a) => Value::List(Arc::new(a.iter().map(from_json).collect())),
+        serde_json::Value::Object(o) => map(o.iter().map(|(k, v)| (k.clone(), from_json(v)))),
+    }
+}
+
+/// Convert a CEL value back to JSON (for logs and the usage API). Opaque values become null.
+pub fn to_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => (*b).into(),
+        Value::Int(i) => (*i).into(),
+        Value::UInt(u) => (*u).into(),
+        Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Value::String(s) => s.as_str().into(),
+        Value::List(l) => serde_json::Value::Array(l.iter().map(to_json).collect()),
+        Value::Map(m) => serde_json::Value::Object(
+            m.map
+                .iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Key::String(s) => s.as_str().to_owned(),
+                        Key::Int(i) => i.to_string(),
+                        Key::Uint(u) => u.to_string(),
+                        Key::Bool(b) => b.to_string(),
+                    };
+                    (key, to_json(v))
+                })
+                .collect(),
+        ),
+        _ => serde_json::Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs_with_groups(groups: &str) -> Attrs {
+        let mut a = Attrs::new();
+        a.set(
+            "auth",
+            map([(
+                "identity",
+                map([("groups", string(groups)), ("userid", string("user-1"))]),
+            )]),
+        );
+        a.set("request", map([("path", string("/v1/chat/completions"))]));
+        a
+    }
+
+    #[test]
+    fn tutorial_predicate_with_split() {
+        let e = Expr::compile(r#"auth.identity.groups.split(",").exists(g, g == "free")"#).unwrap();
+        assert!(e.eval_bool(&attrs_with_groups("a,free")).unwrap());
+        assert!(!e.eval_bool(&attrs_with_groups("gold")).unwrap());
+    }
+
+    #[test]
+    fn missing_attribute_is_an_error_not_false() {
+        let e = Expr::compile("auth.identity.tier == 'x'").unwrap();
+        assert!(e.eval_bool(&attrs_with_groups("free")).is_err());
+    }
+
+    #[test]
+    fn non_bool_predicate_is_a_type_error() {
+        let e = Expr::compile("auth.identity.userid").unwrap();
+        assert!(matches!(
+            e.eval_bool(&attrs_with_groups("free")),
+            Err(EvalError::Type { .. })
+        ));
+        assert_eq!(e.eval_key(&attrs_with_groups("free")).unwrap(), "user-1");
+    }
+
+    #[test]
+    fn compile_error_has_position() {
+        let err = Expr::compile("request.path == ").unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.column > 1, "{err:?}");
+    }
+
+    #[test]
+    fn cost_expression() {
+        let mut a = Attrs::new();
+        a.set(
+            "usage",
+            map([
+                ("input_tokens", int(100)),
+                ("cached_input_tokens", int(40)),
+                ("output_tokens", int(10)),
+            ]),
+        );
+        // The issue's own example, with plain int literals: usage numbers are ints.
+        let e = Expr::compile(
+            "usage.input_tokens - usage.cached_input_tokens / 2 + 4 * usage.output_tokens",
+        )
+        .unwrap();
+        assert_eq!(e.eval_cost(&a).unwrap(), 100 - 20 + 40);
+    }
+
+    #[test]
+    fn member_paths_skip_literals() {
+        let e = Expr::compile(r#"auth.identity.groups.split(",").exists(g, g == "a.b")"#).unwrap();
+        let paths = e.member_paths();
+        assert!(paths.iter().any(|p| p.starts_with("auth.identity.groups")));
+        assert!(!paths.iter().any(|p| p == "a.b"));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let j = serde_json::json!({"a": [1, "x", true, null], "b": {"c": 2.5}});
+        assert_eq!(to_json(&from_json(&j)), j);
+    }
+}

@@ -1,0 +1,481 @@
+//! Compiled policies and the one function that turns a request into counter operations.
+//!
+//! A policy (token or request) targets the gateway or named routes and holds named
+//! limits. For one request, every policy covering the route applies; within it, every
+//! limit whose `when` predicates all hold; each of the limit's rates is its own counter,
+//! keyed by (policy, limit, window length, counter values). [`plan`] produces the
+//! [`CounterOp`]s for the store's atomic admission, and [`cost`] the real charge later.
+
+use std::sync::Arc;
+
+use crate::cel::{self, Attrs, Expr};
+use crate::counter::{CounterId, CounterKind, CounterOp, Need, Rate};
+use crate::window::Window;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// TokenRateLimitPolicy: counts tokens, applies to LLM calls only.
+    Tokens,
+    /// RateLimitPolicy: counts requests, applies to every request it matches.
+    Requests,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Gateway,
+    Routes(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    /// Evaluated and counted; a would-be refusal is logged and measured, not enforced.
+    Shadow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accounting {
+    /// Charge after the call; admit while the budget has anything left.
+    After,
+    /// Reserve an estimate at admission; settle to the real cost.
+    Reserve,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The limit does not apply to this request.
+    Skip,
+    /// The request is refused (429).
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    Epoch,
+    Staggered,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSpec {
+    pub limit: u64,
+    pub window_ms: u64,
+    /// Request rates only: token bucket of `limit + burst`, refilled at `limit`/window.
+    pub burst: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompiledLimit {
+    pub name: Arc<str>,
+    pub rates: Vec<RateSpec>,
+    pub when: Vec<Expr>,
+    pub counters: Vec<Expr>,
+    pub on_error: OnError,
+    pub anchor: Anchor,
+    pub max_in_flight: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub name: Arc<str>,
+    pub kind: PolicyKind,
+    pub target: Target,
+    pub mode: Mode,
+    pub accounting: Accounting,
+    /// Cost of a call in tokens; `None` = `usage.total_tokens`.
+    pub cost: Option<Expr>,
+    pub limits: Vec<CompiledLimit>,
+}
+
+impl CompiledPolicy {
+    pub fn covers_route(&self, route: &str) -> bool {
+        match &self.target {
+            Target::Gateway => true,
+            Target::Routes(routes) => routes.iter().any(|r| r == route),
+        }
+    }
+}
+
+/// Token figures of one call, real or estimated, as CEL sees them in `usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenFigures {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl TokenFigures {
+    /// The `usage` CEL variable. Numbers are ints so that `usage.x / 2` works with plain
+    /// int literals.
+    pub fn to_cel(&self) -> cel::Value {
+        let i = |n: u64| cel::int(n.min(i64::MAX as u64) as i64);
+        cel::map([
+            ("input_tokens", i(self.input_tokens)),
+            ("prompt_tokens", i(self.input_tokens)),
+            ("output_tokens", i(self.output_tokens)),
+            ("completion_tokens", i(self.output_tokens)),
+            ("cached_input_tokens", i(self.cached_input_tokens)),
+            (
+                "cache_creation_input_tokens",
+                i(self.cache_creation_input_tokens),
+            ),
+            ("reasoning_tokens", i(self.reasoning_tokens)),
+            ("total_tokens", i(self.total_tokens)),
+        ])
+    }
+}
+
+/// Where an op came from, for headers, metrics, logs and settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpOrigin {
+    pub policy: usize,
+    pub limit: usize,
+    pub kind: CounterKind,
+    pub shadow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitEvalError {
+    pub policy: Arc<str>,
+    pub limit: Arc<str>,
+    pub expression: String,
+    pub message: String,
+    pub action: OnError,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub ops: Vec<CounterOp>,
+    pub origins: Vec<OpOrigin>,
+    /// Limits that could not be evaluated (each followed its `on_error`).
+    pub errors: Vec<LimitEvalError>,
+}
+
+impl Plan {
+    /// The first evaluation error whose limit says `deny`.
+    pub fn denied(&self) -> Option<&LimitEvalError> {
+        self.errors.iter().find(|e| e.action == OnError::Deny)
+    }
+}
+
+/// What [`plan`] needs to know about the request besides its attributes.
+pub struct PlanRequest<'a> {
+    pub route: &'a str,
+    /// Token policies apply only to LLM calls.
+    pub is_llm_call: bool,
+    pub attrs: &'a Attrs,
+    /// Estimated figures for `accounting: reserve` policies (None: reserve nothing).
+    pub estimate: Option<&'a TokenFigures>,
+}
+
+/// Evaluate every applicable policy and limit for one request.
+pub fn plan(policies: &[CompiledPolicy], req: &PlanRequest<'_>) -> Plan {
+    let mut out = Plan::default();
+    for (pi, policy) in policies.iter().enumerate() {
+        if !policy.covers_route(req.route) {
+            continue;
+        }
+        if policy.kind == PolicyKind::Tokens && !req.is_llm_call {
+            continue;
+        }
+        let reserve_estimate = match (policy.accounting, req.estimate) {
+            (Accounting::Reserve, Some(est)) if policy.kind == PolicyKind::Tokens => {
+                match cost(policy, est, req.attrs) {
+                    Ok(c) => c,
+                    Err(message) => {
+                        // A cost expression that cannot price the estimate still reserves
+                        // the plain total: never less than nothing.
+                        out.errors.push(LimitEvalError {
+                            policy: policy.name.clone(),
+                            limit: Arc::from(""),
+                            expression: policy
+                                .cost
+                                .as_ref()
+                                .map(|e| e.source().to_owned())
+                                .unwrap_or_default(),
+                            message,
+                            action: OnError::Skip,
+                        });
+                        est.total_tokens
+                    }
+                }
+            }
+            _ => 0,
+        };
+        for (li, limit) in policy.limits.iter().enumerate() {
+            match limit_applies(limit, req.attrs) {
+                Ok(Some(values)) => {
+                    push_ops(&mut out, pi, li, policy, limit, &values, reserve_estimate);
+                }
+                Ok(None) => {}
+                Err((expression, message)) => out.errors.push(LimitEvalError {
+                    policy: policy.name.clone(),
+                    limit: limit.name.clone(),
+                    expression,
+                    message,
+                    action: limit.on_error,
+                }),
+            }
+        }
+    }
+    out
+}
+
+/// `Ok(Some(counter values))` when every predicate holds.
+fn limit_applies(
+    limit: &CompiledLimit,
+    attrs: &Attrs,
+) -> Result<Option<Vec<String>>, (String, String)> {
+    for pred in &limit.when {
+        match pred.eval_bool(attrs) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(e) => return Err((pred.source().to_owned(), e.to_string())),
+        }
+    }
+    let mut values = Vec::with_capacity(limit.counters.len());
+    for c in &limit.counters {
+        match c.eval_key(attrs) {
+            Ok(v) => values.push(v),
+            Err(e) => return Err((c.source().to_owned(), e.to_string())),
+        }
+    }
+    Ok(Some(values))
+}
+
+fn push_ops(
+    out: &mut Plan,
+    pi: usize,
+    li: usize,
+    policy: &CompiledPolicy,
+    limit: &CompiledLimit,
+    values: &[String],
+    reserve_estimate: u64,
+) {
+    let shadow = policy.mode == Mode::Shadow;
+    for rate in &limit.rates {
+        let id = CounterId::new(&policy.name, &limit.name, rate.window_ms, values);
+        let window = match limit.anchor {
+            Anchor::Epoch => Window::aligned(rate.window_ms),
+            Anchor::Staggered => Window::staggered(rate.window_ms, id.as_str()),
+        };
+        let (kind, rate_kind, need, commit, reserve) = match policy.kind {
+            PolicyKind::Tokens => match policy.accounting {
+                Accounting::After => (
+                    CounterKind::Tokens,
+                    Rate::Fixed {
+                        limit: rate.limit,
+                        window,
+                    },
+                    Need::Room,
+                    0,
+                    0,
+                ),
+                Accounting::Reserve => (
+                    CounterKind::Tokens,
+                    Rate::Fixed {
+                        limit: rate.limit,
+                        window,
+                    },
+                    Need::Fits,
+                    0,
+                    reserve_estimate,
+                ),
+            },
+            PolicyKind::Requests => {
+                let rate_kind = match rate.burst {
+                    Some(burst) => Rate::Bucket {
+                        limit: rate.limit,
+                        per_ms: rate.window_ms.max(1),
+                        burst,
+                    },
+                    None => Rate::Fixed {
+                        limit: rate.limit,
+                        window,
+                    },
+                };
+                (CounterKind::Requests, rate_kind, Need::Fits, 1, 0)
+            }
+        };
+        out.ops.push(CounterOp {
+            id,
+            kind,
+            rate: rate_kind,
+            need,
+            commit,
+            reserve,
+        });
+        out.origins.push(OpOrigin {
+            policy: pi,
+            limit: li,
+            kind,
+            shadow,
+        });
+    }
+    if let Some(max) = limit.max_in_flight {
+        out.ops.push(CounterOp {
+            id: CounterId::new(&policy.name, &limit.name, 0, values),
+            kind: CounterKind::InFlight,
+            rate: Rate::Concurrency { limit: max },
+            need: Need::Fits,
+            commit: 0,
+            reserve: 1,
+        });
+        out.origins.push(OpOrigin {
+            policy: pi,
+            limit: li,
+            kind: CounterKind::InFlight,
+            shadow,
+        });
+    }
+}
+
+/// The cost of a call under a policy: its cost expression over `usage`, or the total.
+pub fn cost(policy: &CompiledPolicy, usage: &TokenFigures, attrs: &Attrs) -> Result<u64, String> {
+    match &policy.cost {
+        None => Ok(usage.total_tokens),
+        Some(expr) => {
+            let mut a = attrs.clone();
+            a.set("usage", usage.to_cel());
+            expr.eval_cost(&a).map_err(|e| e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(name: &str, group: &str, n: u64) -> CompiledLimit {
+        CompiledLimit {
+            name: Arc::from(name),
+            rates: vec![RateSpec {
+                limit: n,
+                window_ms: 60_000,
+                burst: None,
+            }],
+            when: vec![
+                Expr::compile(r#"request.path == "/v1/chat/completions""#).unwrap(),
+                Expr::compile(&format!(
+                    r#"auth.identity.groups.split(",").exists(g, g == "{group}")"#
+                ))
+                .unwrap(),
+            ],
+            counters: vec![Expr::compile("auth.identity.userid").unwrap()],
+            on_error: OnError::Skip,
+            anchor: Anchor::Epoch,
+            max_in_flight: None,
+        }
+    }
+
+    fn tutorial() -> Vec<CompiledPolicy> {
+        vec![CompiledPolicy {
+            name: Arc::from("trlp"),
+            kind: PolicyKind::Tokens,
+            target: Target::Gateway,
+            mode: Mode::Enforce,
+            accounting: Accounting::After,
+            cost: None,
+            limits: vec![limit("free", "free", 50), limit("gold", "gold", 200)],
+        }]
+    }
+
+    fn attrs(groups: &str, path: &str) -> Attrs {
+        let mut a = Attrs::new();
+        a.set(
+            "auth",
+            cel::map([(
+                "identity",
+                cel::map([
+                    ("groups", cel::string(groups)),
+                    ("userid", cel::string("u1")),
+                ]),
+            )]),
+        );
+        a.set("request", cel::map([("path", cel::string(path))]));
+        a
+    }
+
+    #[test]
+    fn only_matching_limit_applies() {
+        let a = attrs("free", "/v1/chat/completions");
+        let p = plan(
+            &tutorial(),
+            &PlanRequest {
+                route: "llm",
+                is_llm_call: true,
+                attrs: &a,
+                estimate: None,
+            },
+        );
+        assert_eq!(p.ops.len(), 1);
+        assert_eq!(p.ops[0].id.as_str(), "trlp/free/60000/u1");
+        assert_eq!(p.ops[0].need, Need::Room);
+    }
+
+    #[test]
+    fn token_policies_skip_non_llm_calls() {
+        let a = attrs("free", "/v1/chat/completions");
+        let p = plan(
+            &tutorial(),
+            &PlanRequest {
+                route: "llm",
+                is_llm_call: false,
+                attrs: &a,
+                estimate: None,
+            },
+        );
+        assert!(p.ops.is_empty());
+    }
+
+    #[test]
+    fn evaluation_error_follows_on_error() {
+        let mut pols = tutorial();
+        pols[0].limits[0].on_error = OnError::Deny;
+        let mut a = Attrs::new();
+        a.set(
+            "request",
+            cel::map([("path", cel::string("/v1/chat/completions"))]),
+        );
+        let p = plan(
+            &pols,
+            &PlanRequest {
+                route: "llm",
+                is_llm_call: true,
+                attrs: &a,
+                estimate: None,
+            },
+        );
+        assert!(p.ops.is_empty());
+        assert_eq!(p.errors.len(), 2);
+        assert_eq!(p.denied().map(|e| &*e.limit), Some("free"));
+    }
+
+    #[test]
+    fn reserve_uses_cost_expression() {
+        let mut pols = tutorial();
+        pols[0].accounting = Accounting::Reserve;
+        pols[0].cost = Some(Expr::compile("usage.input_tokens + 2 * usage.output_tokens").unwrap());
+        let a = attrs("gold", "/v1/chat/completions");
+        let est = TokenFigures {
+            input_tokens: 10,
+            output_tokens: 5,
+            total_tokens: 15,
+            ..Default::default()
+        };
+        let p = plan(
+            &pols,
+            &PlanRequest {
+                route: "llm",
+                is_llm_call: true,
+                attrs: &a,
+                estimate: Some(&est),
+            },
+        );
+        assert_eq!(p.ops.len(), 1);
+        assert_eq!(p.ops[0].reserve, 20);
+        assert_eq!(p.ops[0].need, Need::Fits);
+    }
+}

@@ -1,0 +1,276 @@
+//! The command line: `serve`, `validate`, `sim`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tollgate_limits::store::memory::MemoryStore;
+use tollgate_limits::{Clock, ManualClock, SystemClock};
+
+use crate::config::{self, LogFormat, Severity};
+use crate::proxy::Gateway;
+use crate::runtime::Runtime;
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Token-aware gateway for LLM APIs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Override `listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override `admin.listen`.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// TESTS ONLY: the engine's clock starts at this epoch-ms value (default: now)
+        /// and moves only through POST /admin/test-clock.
+        #[arg(long, value_name = "START_MS", num_args = 0..=1, default_missing_value = "now")]
+        test_clock: Option<String>,
+    },
+    /// Check a config file: exit 0, or print every problem and exit 1.
+    Validate {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run the built-in simulated LLM on its own.
+    Sim {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        ms_per_token: u64,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config } => validate(&config),
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+            test_clock,
+        } => run_async(serve(config, listen, admin_listen, test_clock)),
+        Command::Sim {
+            listen,
+            model,
+            latency_ms,
+            ms_per_token,
+        } => {
+            init_logging(LogFormat::Text, None);
+            run_async(async move {
+                let l = TcpListener::bind(listen).await?;
+                let addr = l.local_addr()?;
+                println!("tollgate sim listening on {addr}");
+                let _ = std::io::stdout().flush();
+                let sim = Arc::new(tollgate_sim::Simulator::new(tollgate_sim::SimConfig {
+                    model,
+                    latency_ms,
+                    ms_per_token,
+                    default_max_tokens: 16,
+                }));
+                tokio::select! {
+                    r = tollgate_sim::serve(l, sim) => r.map_err(anyhow::Error::from),
+                    _ = tokio::signal::ctrl_c() => Ok(()),
+                }
+            })
+        }
+    }
+}
+
+fn run_async<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_problems(path: &std::path::Path, problems: &[config::Problem]) {
+    for p in problems {
+        eprintln!("{}: {p}", path.display());
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<(Runtime, Vec<config::Problem>), Vec<config::Problem>> {
+    let (_src, cfg, index) = config::read(path)?;
+    Runtime::build(cfg, &index)
+}
+
+fn validate(path: &std::path::Path) -> ExitCode {
+    match load(path) {
+        Ok((_, warnings)) => {
+            print_problems(path, &warnings);
+            println!("{}: ok ({} warning(s))", path.display(), warnings.len());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            print_problems(path, &problems);
+            let n = problems.iter().filter(|p| p.severity == Severity::Error).count();
+            eprintln!("{}: {n} error(s)", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn serve(
+    path: PathBuf,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    test_clock: Option<String>,
+) -> anyhow::Result<()> {
+    let (runtime, warnings) = match load(&path) {
+        Ok(x) => x,
+        Err(problems) => {
+            print_problems(&path, &problems);
+            anyhow::bail!("{}: invalid configuration", path.display());
+        }
+    };
+    init_logging(runtime.config.logging.format, runtime.config.logging.level.as_deref());
+    for w in &warnings {
+        tracing::warn!("{}: {w}", path.display());
+    }
+
+    let manual = match test_clock.as_deref() {
+        None => None,
+        Some(start) => {
+            let start_ms = if start == "now" {
+                SystemClock.now_ms()
+            } else {
+                start.parse().map_err(|_| anyhow::anyhow!("--test-clock takes epoch milliseconds"))?
+            };
+            for _ in 0..3 {
+                tracing::warn!("TEST CLOCK ENABLED: time only moves through POST /admin/test-clock. Never use this in production.");
+            }
+            Some(Arc::new(ManualClock::new(start_ms)))
+        }
+    };
+    let clock: Arc<dyn Clock> = match &manual {
+        Some(m) => m.clone(),
+        None => Arc::new(SystemClock),
+    };
+    let store = Arc::new(MemoryStore::new(runtime.limits.settle_grace_ms));
+
+    let listen = listen.unwrap_or(runtime.listen);
+    let admin_listen = admin_listen.unwrap_or(runtime.admin_listen);
+    let proxy_l = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let admin_l = TcpListener::bind(admin_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {admin_listen} (admin): {e}"))?;
+    let proxy_addr = proxy_l.local_addr()?;
+    let admin_addr = admin_l.local_addr()?;
+
+    let gw = Arc::new(Gateway::new(runtime, store.clone(), clock.clone()));
+    let (tx, rx) = watch::channel(false);
+
+    // Reclaim ended windows and expired reservations; memory stays bounded.
+    let sweeper = {
+        let store = store.clone();
+        let clock = clock.clone();
+        let mut rx = rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        use tollgate_limits::Store;
+                        if let Err(e) = store.sweep(clock.now_ms()).await {
+                            tracing::warn!(error = %e, "sweep failed");
+                        }
+                    }
+                    _ = rx.changed() => break,
+                }
+            }
+        })
+    };
+
+    let admin = crate::admin::router(crate::admin::AdminState {
+        gw: gw.clone(),
+        test_clock: manual.clone(),
+    });
+    let mut admin_rx = rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(admin_l, admin)
+            .with_graceful_shutdown(async move {
+                let _ = admin_rx.changed().await;
+            })
+            .await;
+    });
+
+    tracing::info!(%proxy_addr, %admin_addr, "tollgate listening");
+    println!("tollgate listening proxy={proxy_addr} admin={admin_addr}");
+    let _ = std::io::stdout().flush();
+
+    let proxy_task = tokio::spawn(crate::proxy::serve(proxy_l, gw.clone(), rx));
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; draining in-flight requests");
+    let _ = tx.send(true);
+    let _ = proxy_task.await;
+    let _ = admin_task.await;
+    let _ = sweeper.await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

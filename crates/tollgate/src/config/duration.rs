@@ -1,0 +1,143 @@
+//! Durations as written in config: `500ms`, `30s`, `1m`, `1h30m`, `1d`.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConfigDuration(pub Duration);
+
+impl ConfigDuration {
+    pub fn as_millis_u64(&self) -> u64 {
+        u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Parse `1h30m`-style text: one or more `<integer><unit>` with units ms, s, m, h, d.
+pub fn parse(text: &str) -> Result<Duration, String> {
+    let s = text.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    let mut total_ms: u128 = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        if start == i {
+            return Err(format!(
+                "`{text}` is not a duration: expected a number at position {}",
+                start + 1
+            ));
+        }
+        let n: u128 = s[start..i]
+            .parse()
+            .map_err(|_| format!("`{text}`: number too large"))?;
+        let ustart = i;
+        while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
+            i += 1;
+        }
+        let unit_ms: u128 = match &s[ustart..i] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => {
+                return Err(format!(
+                    "`{text}` is not a duration: a unit (ms, s, m, h, d) must follow {n}"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "`{text}` is not a duration: unknown unit `{other}` (use ms, s, m, h, d)"
+                ))
+            }
+        };
+        total_ms = total_ms
+            .checked_add(n.saturating_mul(unit_ms))
+            .ok_or_else(|| format!("`{text}`: duration too large"))?;
+    }
+    let ms = u64::try_from(total_ms).map_err(|_| format!("`{text}`: duration too large"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// Print a duration the way OpenAI's reset headers do: `6m0s`, `1.5s`, `20ms`, `1h2m3s`.
+pub fn format_reset(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let h = ms / 3_600_000;
+    let m = (ms % 3_600_000) / 60_000;
+    let s_ms = ms % 60_000;
+    let secs = if s_ms % 1000 == 0 {
+        format!("{}s", s_ms / 1000)
+    } else {
+        let v = s_ms as f64 / 1000.0;
+        let t = format!("{v:.3}");
+        format!("{}s", t.trim_end_matches('0').trim_end_matches('.'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ConfigDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 500ms, 30s, 1m, 1h30m or 1d")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                parse(v).map(ConfigDuration).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl Serialize for ConfigDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", self.as_millis_u64()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units_and_combinations() {
+        assert_eq!(parse("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse("1m").unwrap().as_secs(), 60);
+        assert_eq!(parse("1h30m").unwrap().as_secs(), 5400);
+        assert_eq!(parse("1d").unwrap().as_secs(), 86400);
+        assert_eq!(parse("1m30s250ms").unwrap().as_millis(), 90_250);
+    }
+
+    #[test]
+    fn refuses_nonsense() {
+        assert!(parse("").is_err());
+        assert!(parse("10").unwrap_err().contains("unit"));
+        assert!(parse("1w").unwrap_err().contains("unknown unit"));
+        assert!(parse("m").is_err());
+        assert!(parse("99999999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn formats_like_openai() {
+        assert_eq!(format_reset(360_000), "6m0s");
+        assert_eq!(format_reset(1_500), "1.5s");
+        assert_eq!(format_reset(20), "20ms");
+        assert_eq!(format_reset(3_723_000), "1h2m3s");
+    }
+}

@@ -1,0 +1,564 @@
+//! Configuration: the YAML schema, loading with positions, and every problem at once.
+//!
+//! Loading is two steps. [`parse`] turns text into a [`Config`] (unknown keys are errors;
+//! each top-level section and list item is deserialised on its own so one mistake does
+//! not hide the next). `crate::runtime::Runtime::build` then compiles CEL, resolves
+//! references and builds the immutable runtime the request path reads. Both steps report
+//! [`Problem`]s with a field path, line and column.
+
+pub mod duration;
+pub mod position;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use duration::ConfigDuration;
+pub use position::PositionIndex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One thing wrong (or suspicious) in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub severity: Severity,
+    /// Field path, e.g. `policies[0].limits.free.when[1]`.
+    pub path: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn error(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            path: path.into(),
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+    pub fn warning(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::error(path, message)
+        }
+    }
+    pub fn located(mut self, index: &PositionIndex) -> Self {
+        if self.line.is_none() {
+            if let Some((l, c)) = index.locate(&self.path) {
+                self.line = Some(l);
+                self.column = Some(c);
+            }
+        }
+        self
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{sev}: {}:{l}:{c}: {}", self.path, self.message),
+            _ => write!(f, "{sev}: {}: {}", self.path, self.message),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9901".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    #[default]
+    Memory,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub kind: StorageKind,
+    /// How long after its window ended a counter still accepts settlements (default 5m).
+    #[serde(default)]
+    pub settle_grace: Option<ConfigDuration>,
+}
+
+/// Limits and timeouts of the proxy listener and upstream calls.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Largest request body accepted (default 8 MiB); larger → 413.
+    #[serde(default)]
+    pub max_request_body_bytes: Option<u64>,
+    /// Largest non-streaming response body buffered for usage (default 16 MiB); larger
+    /// bodies are still forwarded, and charged an estimate.
+    #[serde(default)]
+    pub max_response_buffer_bytes: Option<u64>,
+    /// Upstream TCP/TLS connect timeout (default 5s) → 502/504.
+    #[serde(default)]
+    pub upstream_connect_timeout: Option<ConfigDuration>,
+    /// Time to the upstream's response headers (default 300s) → 504.
+    #[serde(default)]
+    pub upstream_response_timeout: Option<ConfigDuration>,
+    /// A reservation not settled by then is released (default 15m).
+    #[serde(default)]
+    pub reservation_deadline: Option<ConfigDuration>,
+    /// Drain deadline on shutdown (default 30s).
+    #[serde(default)]
+    pub shutdown_grace: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// `tracing` filter, e.g. `info` or `tollgate=debug` (RUST_LOG wins when set).
+    #[serde(default)]
+    pub level: Option<String>,
+    /// One line per request (default true).
+    #[serde(default)]
+    pub access_log: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiKeyHeader {
+    /// `Authorization: Bearer <key>` (OpenAI and compatible servers).
+    #[default]
+    Authorization,
+    /// `x-api-key: <key>` (Anthropic).
+    XApiKey,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKey,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorConfig {
+    #[serde(default = "default_sim_model")]
+    pub model: String,
+    #[serde(default)]
+    pub latency_ms: u64,
+    #[serde(default)]
+    pub ms_per_token: u64,
+}
+
+fn default_sim_model() -> String {
+    "meta-llama/Llama-3.1-8B-Instruct".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    /// Base URL of an OpenAI- or Anthropic-compatible server (scheme, host, port,
+    /// optional path prefix). Exactly one of `url` and `simulator`.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub simulator: Option<SimulatorConfig>,
+    /// Environment variable holding the upstream API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// File holding the upstream API key (trailing newline ignored).
+    #[serde(default)]
+    pub api_key_file: Option<String>,
+    #[serde(default)]
+    pub api_key_header: Option<ApiKeyHeader>,
+    /// Static headers added to every upstream request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Forward the client's own `Authorization`/`x-api-key` upstream. Only allowed on
+    /// routes where tollgate does not authenticate (`auth: none`).
+    #[serde(default)]
+    pub forward_client_credentials: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAuth {
+    /// Credentials required (the default when `auth` is configured).
+    #[default]
+    Required,
+    /// Anonymous when no credential is presented; a bad credential is still 401.
+    Optional,
+    /// No authentication; client credentials are ignored and stripped (unless the
+    /// backend forwards them).
+    None,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Prefix on whole path segments: `/v1` matches `/v1` and `/v1/x`, not `/v1x`.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Exact path.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// Models (from the JSON body's `model`) this route serves.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Exact host names or `*.example.com`; port ignored; absent = any host.
+    #[serde(default)]
+    pub hostnames: Option<Vec<String>>,
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    pub backend: String,
+    #[serde(default)]
+    pub auth: Option<RouteAuth>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub api_keys: Option<ApiKeysConfig>,
+}
+
+fn default_prefixes() -> Vec<String> {
+    vec!["Bearer".into()]
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeysConfig {
+    /// Schemes accepted in `Authorization: <prefix> <key>` (case-insensitive).
+    /// `x-api-key: <key>` is always accepted too.
+    #[serde(default = "default_prefixes")]
+    pub prefixes: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The key in plain text (fine for tutorials; prefer the others).
+    #[serde(default, skip_serializing)]
+    pub key: Option<String>,
+    /// Environment variable holding the key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// File holding the key.
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// Hex SHA-256 of the key, so the key itself need not be stored anywhere.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Becomes `auth.identity` for CEL.
+    #[serde(default)]
+    pub identity: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+pub enum PolicyKindConfig {
+    TokenRateLimitPolicy,
+    RateLimitPolicy,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum TargetConfig {
+    /// `gateway`: every route.
+    Named(String),
+    Route {
+        route: String,
+    },
+    Routes {
+        routes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeConfig {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountingConfig {
+    #[default]
+    After,
+    Reserve,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnErrorConfig {
+    #[default]
+    Skip,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AnchorConfig {
+    #[default]
+    Epoch,
+    Staggered,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    pub kind: PolicyKindConfig,
+    #[serde(default = "default_target")]
+    pub target: TargetConfig,
+    #[serde(default)]
+    pub mode: ModeConfig,
+    #[serde(default)]
+    pub accounting: AccountingConfig,
+    /// CEL over `usage` (and request attributes): the tokens a call costs.
+    #[serde(default)]
+    pub cost: Option<String>,
+    pub limits: BTreeMap<String, LimitConfig>,
+}
+
+fn default_target() -> TargetConfig {
+    TargetConfig::Named("gateway".into())
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    pub limit: u64,
+    pub window: ConfigDuration,
+    #[serde(default)]
+    pub burst: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    #[serde(default)]
+    pub rates: Vec<RateConfig>,
+    #[serde(default)]
+    pub when: Vec<String>,
+    #[serde(default)]
+    pub counters: Vec<String>,
+    #[serde(default)]
+    pub on_error: OnErrorConfig,
+    #[serde(default)]
+    pub anchor: AnchorConfig,
+    #[serde(default)]
+    pub max_in_flight: Option<u64>,
+}
+
+/// Parse YAML text into a [`Config`], collecting every structural problem: each
+/// top-level section and each list item is deserialised separately.
+pub fn parse(src: &str) -> Result<(Config, PositionIndex), Vec<Problem>> {
+    let index = PositionIndex::build(src);
+    let root: yaml_serde::Value = match yaml_serde::from_str(src) {
+        Ok(v) => v,
+        Err(e) => {
+            let (line, column) = e
+                .location()
+                .map(|l| (Some(l.line()), Some(l.column())))
+                .unwrap_or((None, None));
+            return Err(vec![Problem {
+                severity: Severity::Error,
+                path: String::new(),
+                line,
+                column,
+                message: format!("not valid YAML: {e}"),
+            }]);
+        }
+    };
+    let root = match root {
+        yaml_serde::Value::Mapping(m) => m,
+        yaml_serde::Value::Null => yaml_serde::Mapping::new(),
+        _ => {
+            return Err(vec![Problem::error(
+                "",
+                "the config must be a mapping (listen, backends, routes, …)",
+            )
+            .located(&index)])
+        }
+    };
+
+    let mut problems = Vec::new();
+    // Check each list item on its own first, so several bad items are all reported.
+    for (section, value) in root.iter() {
+        let Some(section) = section.as_str() else {
+            continue;
+        };
+        if let yaml_serde::Value::Sequence(items) = value {
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("{section}[{i}]");
+                let r = match section {
+                    "backends" => check::<BackendConfig>(item),
+                    "routes" => check::<RouteConfig>(item),
+                    "policies" => check::<PolicyConfig>(item),
+                    _ => Ok(()),
+                };
+                if let Err((sub, msg)) = r {
+                    problems.push(Problem::error(join_path(&path, &sub), msg).located(&index));
+                }
+            }
+        } else if matches!(
+            section,
+            "admin" | "storage" | "server" | "auth" | "logging"
+        ) {
+            let r = match section {
+                "admin" => check::<AdminConfig>(value),
+                "storage" => check::<StorageConfig>(value),
+                "server" => check::<ServerConfig>(value),
+                "auth" => check::<AuthConfig>(value),
+                _ => check::<LoggingConfig>(value),
+            };
+            if let Err((sub, msg)) = r {
+                problems.push(Problem::error(join_path(section, &sub), msg).located(&index));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    match check_value::<Config>(yaml_serde::Value::Mapping(root)) {
+        Ok(cfg) => Ok((cfg, index)),
+        Err((path, msg)) => Err(vec![Problem::error(path, msg).located(&index)]),
+    }
+}
+
+fn join_path(base: &str, sub: &str) -> String {
+    if sub.is_empty() || sub == "." {
+        base.to_owned()
+    } else if sub.starts_with('[') {
+        format!("{base}{sub}")
+    } else {
+        format!("{base}.{sub}")
+    }
+}
+
+fn check<T: serde::de::DeserializeOwned>(v: &yaml_serde::Value) -> Result<(), (String, String)> {
+    check_value::<T>(v.clone()).map(|_| ())
+}
+
+fn check_value<T: serde::de::DeserializeOwned>(
+    v: yaml_serde::Value,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        (path, e.into_inner().to_string())
+    })
+}
+
+/// Read and parse a file.
+pub fn read(path: &Path) -> Result<(String, Config, PositionIndex), Vec<Problem>> {
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        vec![Problem::error(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        )]
+    })?;
+    let (cfg, idx) = parse(&src)?;
+    Ok((src, cfg, idx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_an_error_with_position() {
+        let src = "listen: 127.0.0.1:1\nroutes:\n  - name: a\n    backend: b\n    bakend: c\n";
+        let errs = parse(src).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("unknown field `bakend`"), "{errs:?}");
+        assert_eq!(errs[0].line, Some(5), "{errs:?}");
+    }
+
+    #[test]
+    fn several_bad_items_all_reported() {
+        let src = "routes:\n  - name: a\n  - backend: b\npolicies:\n  - name: p\n    kind: Nope\n    limits: {}\n";
+        let errs = parse(src).unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn bad_duration_names_field() {
+        let src = "policies:\n  - name: p\n    kind: RateLimitPolicy\n    limits:\n      a:\n        rates: [{limit: 1, window: 5x}]\n";
+        let errs = parse(src).unwrap_err();
+        assert!(errs[0].path.starts_with("policies[0].limits.a.rates[0]"), "{errs:?}");
+        assert!(errs[0].message.contains("unknown unit"), "{errs:?}");
+        assert_eq!(errs[0].line, Some(6));
+    }
+}

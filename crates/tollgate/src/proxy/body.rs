@@ -1,0 +1,147 @@
+//! Response bodies: the boxed body type every response uses, and [`MeteredBody`], which
+//! forwards the upstream's bytes as they come while metering them, and reports the call's
+//! outcome exactly once — at the end of the stream, or when the client goes away.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> ProxyBody {
+    full(Bytes::new())
+}
+
+/// How the body ended, as the meter saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// The upstream finished the body.
+    Complete,
+    /// The upstream body failed (connection cut, timeout).
+    UpstreamError,
+    /// Dropped before the end: the client went away.
+    ClientGone,
+}
+
+/// Something that looks at each data chunk on its way to the client and may rewrite it.
+pub trait ChunkMeter: Send + 'static {
+    /// Returns the bytes to forward (usually `chunk` itself).
+    fn on_chunk(&mut self, chunk: Bytes) -> Bytes;
+    /// Called exactly once; returns bytes still held back, to forward last.
+    fn on_end(&mut self, end: BodyEnd) -> Bytes;
+    /// Whether `on_chunk` only ever returns its input unchanged (keeps Content-Length).
+    fn passthrough(&self) -> bool;
+}
+
+pin_project_lite::pin_project! {
+    pub struct MeteredBody<B, M: ChunkMeter> {
+        #[pin]
+        inner: B,
+        meter: Option<M>,
+        passthrough: bool,
+        finished: bool,
+    }
+
+    impl<B, M: ChunkMeter> PinnedDrop for MeteredBody<B, M> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(mut m) = this.meter.take() {
+                let _ = m.on_end(BodyEnd::ClientGone);
+            }
+        }
+    }
+}
+
+impl<B, M: ChunkMeter> MeteredBody<B, M> {
+    pub fn new(inner: B, meter: M) -> Self {
+        let passthrough = meter.passthrough();
+        Self {
+            inner,
+            meter: Some(meter),
+            passthrough,
+            finished: false,
+        }
+    }
+}
+
+impl<B, M> Body for MeteredBody<B, M>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    M: ChunkMeter,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.finished {
+            return Poll::Ready(None);
+        }
+        loop {
+            return match this.inner.as_mut().poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(None) => {
+                    *this.finished = true;
+                    let rest = match this.meter.take() {
+                        Some(mut m) => m.on_end(BodyEnd::Complete),
+                        None => Bytes::new(),
+                    };
+                    if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(rest))))
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    *this.finished = true;
+                    if let Some(mut m) = this.meter.take() {
+                        let _ = m.on_end(BodyEnd::UpstreamError);
+                    }
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = match this.meter.as_mut() {
+                            Some(m) => m.on_chunk(data),
+                            None => data,
+                        };
+                        if out.is_empty() {
+                            // Everything held back (or stripped): poll on.
+                            continue;
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(out))))
+                    }
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+            };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Never report the end early: the meter must see `None` to settle.
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.passthrough {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
+    }
+}

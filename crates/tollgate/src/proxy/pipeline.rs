@@ -1,0 +1,682 @@
+//! One request, top to bottom. Each phase is a plain function over [`RequestContext`]:
+//!
+//! 1. `locate`      — canonical path, host, LLM API detection
+//! 2. `route`       — first matching route (404 otherwise)
+//! 3. `authenticate`— API key → identity (401), per the route's auth mode
+//! 4. `read_body`   — LLM calls only: buffer (capped, 413) and inspect the JSON (400)
+//! 5. `admit`       — CEL attributes → policy plan → one atomic store admission (429)
+//! 6. `forward`     — rewrite headers/body and send upstream (502/504)
+//! 7. `respond`     — rate-limit headers, and a metered body that settles the call's
+//!    real cost when the body ends or the client leaves (see `metering`)
+//!
+//! Errors from any phase go through `GatewayError::into_response`, the one mapping.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{HeaderMap, Method, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use tollgate_limits::cel::{self, Attrs};
+use tollgate_limits::policy::{plan, PlanRequest};
+use tollgate_limits::store::ReservationId;
+use tollgate_limits::{Admission, CounterKind};
+use tollgate_llm::{Api, LlmRequest};
+
+use super::body::{full, BoxError, MeteredBody, ProxyBody};
+use super::error::GatewayError;
+use super::metering::{CallMeter, Settle};
+use super::path::canonicalize;
+use super::ratelimit_headers;
+use super::upstream::{downstream_headers, host_header, upstream_headers};
+use super::Gateway;
+use crate::auth::{self, AuthOutcome, Identity};
+use crate::config::RouteAuth;
+use crate::runtime::{BackendTarget, Route, Runtime};
+
+/// Everything known about one request as it moves through the phases.
+pub struct RequestContext {
+    pub id: String,
+    pub started: Instant,
+    pub peer: SocketAddr,
+    pub method: Method,
+    pub raw_path: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub host: String,
+    pub api: Option<Api>,
+    pub llm: Option<LlmRequest>,
+    pub body: Option<Bytes>,
+    pub identity: Identity,
+    pub route: Option<usize>,
+}
+
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>, peer: SocketAddr) -> Response<ProxyBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let rt = gw.runtime.load_full();
+    let started = Instant::now();
+    match run(&gw, &rt, req, peer, started).await {
+        Ok(resp) => resp,
+        Err((cx, err)) => {
+            gw.stats.record_refusal(err.decision());
+            if rt.access_log {
+                tracing::info!(
+                    target: "tollgate::access",
+                    id = %cx.as_ref().map(|c| c.id.as_str()).unwrap_or("-"),
+                    method = %cx.as_ref().map(|c| c.method.as_str()).unwrap_or("-"),
+                    path = %cx.as_ref().map(|c| c.path.as_str()).unwrap_or("-"),
+                    route = %cx.as_ref().and_then(|c| c.route).and_then(|r| rt.routes.get(r)).map(|r| &*r.name).unwrap_or("-"),
+                    identity = %cx.as_ref().map(|c| &*c.identity.label).unwrap_or("-"),
+                    model = %cx.as_ref().and_then(|c| c.llm.as_ref()).and_then(|l| l.model.as_deref()).unwrap_or("-"),
+                    status = err.into_status_hint(),
+                    decision = err.decision(),
+                    reason = %err,
+                    duration_us = started.elapsed().as_micros() as u64,
+                    "request"
+                );
+            }
+            err.into_response()
+        }
+    }
+}
+
+impl GatewayError {
+    fn into_status_hint(&self) -> u16 {
+        match self {
+            Self::BadRequest(_) => 400,
+            Self::BodyTooLarge { .. } => 413,
+            Self::NoRoute { .. } => 404,
+            Self::Unauthenticated(_) => 401,
+            Self::Forbidden(_) => 403,
+            Self::RateLimited { .. } => 429,
+            Self::UpstreamConnect(_) => 502,
+            Self::UpstreamTimeout(_) => 504,
+            Self::StoreUnavailable(_) => 503,
+            Self::Internal(_) => 500,
+        }
+    }
+}
+
+type Failed = (Option<RequestContext>, GatewayError);
+
+async fn run<B>(
+    gw: &Arc<Gateway>,
+    rt: &Arc<Runtime>,
+    req: Request<B>,
+    peer: SocketAddr,
+    started: Instant,
+) -> Result<Response<ProxyBody>, Failed>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    let mut cx = locate(gw, &parts, peer, started).map_err(|e| (None, e))?;
+
+    // Routing on `models` needs the body first; otherwise auth comes before buffering,
+    // so unauthenticated callers cannot make us hold large bodies.
+    let mut body = Some(body);
+    if rt.routes_need_model && cx.api.is_some() {
+        if let Some(b) = body.take() {
+            if let Err(e) = read_body(rt, &mut cx, b, &parts.headers).await {
+                return Err((Some(cx), e));
+            }
+        }
+    }
+    let route = match route(rt, &mut cx) {
+        Ok(r) => r,
+        Err(e) => return Err((Some(cx), e)),
+    };
+    if let Err(e) = authenticate(rt, route, &mut cx, &parts.headers) {
+        return Err((Some(cx), e));
+    }
+    if cx.api.is_some() {
+        if let Some(b) = body.take() {
+            if let Err(e) = read_body(rt, &mut cx, b, &parts.headers).await {
+                return Err((Some(cx), e));
+            }
+        }
+    }
+    let admitted = match admit(gw, rt, route, &cx, &parts.headers).await {
+        Ok(a) => a,
+        Err(e) => return Err((Some(cx), e)),
+    };
+    forward(gw, rt, route, cx, parts, body, admitted).await
+}
+
+/// Phase 1: canonical path, host, LLM API.
+fn locate(
+    gw: &Gateway,
+    parts: &http::request::Parts,
+    peer: SocketAddr,
+    started: Instant,
+) -> Result<RequestContext, GatewayError> {
+    let raw_path = parts.uri.path().to_owned();
+    let path = canonicalize(&raw_path).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    let host = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .map(strip_port)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let api = if parts.method == Method::POST {
+        Api::from_path(&path)
+    } else {
+        None
+    };
+    let id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| gw.next_request_id());
+    Ok(RequestContext {
+        id,
+        started,
+        peer,
+        method: parts.method.clone(),
+        raw_path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or(raw_path),
+        path,
+        query: parts.uri.query().map(str::to_owned),
+        host,
+        api,
+        llm: None,
+        body: None,
+        identity: Identity::anonymous(),
+        route: None,
+    })
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [::1]:8080
+        return host.split_once(']').map(|(h, _)| &host[..h.len() + 1]).unwrap_or(host);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map(|(h, _)| h)
+        .unwrap_or(host)
+}
+
+/// Phase 2: the first matching route.
+fn route<'a>(rt: &'a Runtime, cx: &mut RequestContext) -> Result<&'a Route, GatewayError> {
+    let model = cx.llm.as_ref().and_then(|l| l.model.as_deref());
+    let idx = rt
+        .routes
+        .iter()
+        .position(|r| r.matches(&cx.host, &cx.path, &cx.method, model))
+        .ok_or_else(|| GatewayError::NoRoute {
+            method: cx.method.to_string(),
+            path: cx.path.clone(),
+        })?;
+    cx.route = Some(idx);
+    rt.routes
+        .get(idx)
+        .ok_or_else(|| GatewayError::Internal("route index out of range".into()))
+}
+
+/// Phase 3: who is calling.
+fn authenticate(
+    rt: &Runtime,
+    route: &Route,
+    cx: &mut RequestContext,
+    headers: &HeaderMap,
+) -> Result<(), GatewayError> {
+    let Some(keys) = rt.api_keys.as_ref() else {
+        return Ok(());
+    };
+    if route.auth == RouteAuth::None {
+        return Ok(());
+    }
+    match auth::authenticate(headers, keys) {
+        Ok(Some(id)) => {
+            cx.identity = id;
+            Ok(())
+        }
+        Ok(None) if route.auth == RouteAuth::Optional => Ok(()),
+        Ok(None) | Err(AuthOutcome::Missing) => Err(GatewayError::Unauthenticated(
+            "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+        )),
+        Err(AuthOutcome::Invalid) => Err(GatewayError::Unauthenticated(
+            "Incorrect API key provided.",
+        )),
+    }
+}
+
+/// Phase 4: buffer and inspect an LLM request body.
+async fn read_body<B>(
+    rt: &Runtime,
+    cx: &mut RequestContext,
+    body: B,
+    headers: &HeaderMap,
+) -> Result<(), GatewayError>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let limit = rt.limits.max_request_body_bytes;
+    if let Some(len) = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit {
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+    }
+    let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+    let bytes = match Limited::new(body, cap).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            return Err(if e.is::<http_body_util::LengthLimitError>() {
+                GatewayError::BodyTooLarge { limit }
+            } else {
+                GatewayError::BadRequest(format!("could not read the request body: {e}"))
+            })
+        }
+    };
+    if let Some(api) = cx.api {
+        let llm = tollgate_llm::inspect_request(api, &bytes)
+            .map_err(|e| GatewayError::BadRequest(format!("invalid request body: {e}")))?;
+        cx.llm = Some(llm);
+    }
+    cx.body = Some(bytes);
+    Ok(())
+}
+
+/// The CEL activation for this request.
+fn attributes(cx: &RequestContext, headers: &HeaderMap, now_ms: u64) -> Attrs {
+    let mut hdrs = Vec::with_capacity(headers.len());
+    for (k, v) in headers {
+        if let Ok(v) = v.to_str() {
+            hdrs.push((k.as_str().to_owned(), cel::string(v)));
+        }
+    }
+    let mut request = vec![
+        ("method", cel::string(cx.method.as_str())),
+        ("path", cel::string(cx.path.as_str())),
+        ("url_path", cel::string(cx.path.as_str())),
+        ("raw_path", cel::string(cx.raw_path.as_str())),
+        ("host", cel::string(cx.host.as_str())),
+        ("headers", cel::map(hdrs)),
+        ("query", cel::string(cx.query.as_deref().unwrap_or(""))),
+        ("id", cel::string(cx.id.as_str())),
+        ("time", cel::int(i64::try_from(now_ms).unwrap_or(i64::MAX))),
+    ];
+    if let Some(m) = cx.llm.as_ref().and_then(|l| l.model.as_deref()) {
+        request.push(("model", cel::string(m)));
+    }
+    let mut a = Attrs::new();
+    a.set("request", cel::map(request));
+    a.set(
+        "source",
+        cel::map([
+            ("address", cel::string(cx.peer.ip().to_string())),
+            ("port", cel::int(i64::from(cx.peer.port()))),
+        ]),
+    );
+    a.set("auth", cx.identity.to_cel());
+    let mut llm = Vec::new();
+    if let Some(api) = cx.api {
+        llm.push(("api", cel::string(api.as_str())));
+    }
+    if let Some(l) = &cx.llm {
+        llm.push(("stream", cel::Value::Bool(l.stream)));
+        if let Some(m) = &l.model {
+            llm.push(("model", cel::string(m.as_str())));
+        }
+    }
+    a.set("llm", cel::map(llm));
+    a
+}
+
+/// What admission decided, carried into forwarding and settlement.
+pub struct Admitted {
+    pub settle: Settle,
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
+}
+
+/// Phase 5: evaluate policies and take counters atomically.
+async fn admit(
+    gw: &Arc<Gateway>,
+    rt: &Arc<Runtime>,
+    route: &Route,
+    cx: &RequestContext,
+    headers: &HeaderMap,
+) -> Result<Admitted, GatewayError> {
+    let now = gw.clock.now_ms();
+    let attrs = attributes(cx, headers, now);
+    let estimate = cx.llm.as_ref().map(|l| super::metering::estimate(l));
+    let plan = plan(
+        &rt.policies,
+        &PlanRequest {
+            route: &route.name,
+            is_llm_call: cx.api.is_some(),
+            attrs: &attrs,
+            estimate: estimate.as_ref(),
+        },
+    );
+    for e in &plan.errors {
+        gw.stats.limit_eval_error(e);
+    }
+    if let Some(e) = plan.denied() {
+        return Err(GatewayError::RateLimited {
+            message: format!(
+                "Rate limit `{}/{}` could not be evaluated for this request and is set to deny.",
+                e.policy, e.limit
+            ),
+            kind: "requests",
+            retry_after_ms: None,
+            headers: Vec::new(),
+        });
+    }
+    let reservation = ReservationId(gw.next_reservation_id());
+    let deadline = now.saturating_add(rt.limits.reservation_deadline_ms);
+    let (enforced, shadow): (Vec<usize>, Vec<usize>) =
+        (0..plan.ops.len()).partition(|&i| !plan.origins[i].shadow);
+    let enforced_ops: Vec<_> = enforced.iter().map(|&i| plan.ops[i].clone()).collect();
+    let kinds: Vec<CounterKind> = enforced.iter().map(|&i| plan.origins[i].kind).collect();
+    let outcome = if enforced_ops.is_empty() {
+        Admission::Admitted {
+            snapshots: Vec::new(),
+        }
+    } else {
+        gw.store
+            .admit(now, &enforced_ops, reservation, deadline)
+            .await
+            .map_err(|e| GatewayError::StoreUnavailable(e.to_string()))?
+    };
+    let snapshots = match outcome {
+        Admission::Admitted { snapshots } => snapshots,
+        Admission::Refused(refusal) => {
+            let hdrs = ratelimit_headers::compute(&refusal.snapshots, &kinds, now);
+            let blocking_kind = refusal
+                .blocking
+                .first()
+                .and_then(|&i| kinds.get(i))
+                .copied()
+                .unwrap_or(CounterKind::Requests);
+            let names: Vec<String> = refusal
+                .blocking
+                .iter()
+                .filter_map(|&i| enforced.get(i))
+                .map(|&i| {
+                    let o = &plan.origins[i];
+                    format!(
+                        "{}/{}",
+                        rt.policies[o.policy].name, rt.policies[o.policy].limits[o.limit].name
+                    )
+                })
+                .collect();
+            let (kind, what) = match blocking_kind {
+                CounterKind::Tokens => ("tokens", "token"),
+                CounterKind::Requests => ("requests", "request"),
+                CounterKind::InFlight => ("requests", "concurrent request"),
+            };
+            let message = match refusal.retry_after_ms {
+                Some(ms) => format!(
+                    "Rate limit reached: {what} limit {} exceeded. Please try again in {}.",
+                    names.join(", "),
+                    crate::config::duration::format_reset(ms)
+                ),
+                None => format!(
+                    "Request too large: its estimated cost exceeds the {what} limit {} itself, so it can never be admitted. Lower max_tokens or the prompt size.",
+                    names.join(", ")
+                ),
+            };
+            return Err(GatewayError::RateLimited {
+                message,
+                kind,
+                retry_after_ms: refusal.retry_after_ms,
+                headers: hdrs,
+            });
+        }
+    };
+    let hdrs = ratelimit_headers::compute(&snapshots, &kinds, now);
+
+    // Shadow policies: counted, never enforced; a would-be refusal is only reported.
+    let shadow_ops: Vec<_> = shadow.iter().map(|&i| plan.ops[i].clone()).collect();
+    let mut shadow_snapshots = Vec::new();
+    if !shadow_ops.is_empty() {
+        match gw.store.admit(now, &shadow_ops, reservation, deadline).await {
+            Ok(Admission::Admitted { snapshots }) => shadow_snapshots = snapshots,
+            Ok(Admission::Refused(r)) => {
+                gw.stats.shadow_refusal();
+                tracing::info!(request = %cx.id, "shadow policy would refuse this request");
+                shadow_snapshots = r.snapshots;
+                // Nothing was taken; settle only charges tokens into these windows.
+                for s in shadow_snapshots.iter_mut() {
+                    s.reserved = 0;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "shadow admission failed"),
+        }
+    }
+
+    let mut ops = Vec::with_capacity(plan.ops.len());
+    let mut origins = Vec::with_capacity(plan.ops.len());
+    let mut window_starts = Vec::with_capacity(plan.ops.len());
+    for (j, &i) in enforced.iter().enumerate() {
+        ops.push(plan.ops[i].clone());
+        origins.push(plan.origins[i].clone());
+        window_starts.push(snapshots.get(j).map(|s| s.window_start).unwrap_or(0));
+    }
+    for (j, &i) in shadow.iter().enumerate() {
+        ops.push(plan.ops[i].clone());
+        origins.push(plan.origins[i].clone());
+        window_starts.push(shadow_snapshots.get(j).map(|s| s.window_start).unwrap_or(0));
+    }
+    gw.stats.admitted();
+    Ok(Admitted {
+        settle: Settle {
+            gw: gw.clone(),
+            rt: rt.clone(),
+            attrs,
+            ops,
+            origins,
+            window_starts,
+            reservation,
+            estimate: estimate.unwrap_or_default(),
+            request_id: cx.id.clone(),
+            route: route.name.clone(),
+            identity: cx.identity.label.clone(),
+            model: cx.llm.as_ref().and_then(|l| l.model.clone()),
+            method: cx.method.clone(),
+            path: cx.path.clone(),
+            started: cx.started,
+            status: 0,
+            estimated: false,
+        },
+        headers: hdrs,
+    })
+}
+
+/// Phases 6 and 7: send upstream, answer with a metered body.
+async fn forward<B>(
+    gw: &Arc<Gateway>,
+    rt: &Arc<Runtime>,
+    route: &Route,
+    cx: RequestContext,
+    parts: http::request::Parts,
+    body: Option<B>,
+    admitted: Admitted,
+) -> Result<Response<ProxyBody>, Failed>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Admitted { mut settle, headers: rl_headers } = admitted;
+    let Some(backend) = rt.backends.get(route.backend) else {
+        settle.release_now();
+        return Err((Some(cx), GatewayError::Internal("route has no backend".into())));
+    };
+    let forward_credentials = backend.forward_client_credentials
+        && (rt.api_keys.is_none() || route.auth == RouteAuth::None);
+    let mut up_headers = upstream_headers(&parts.headers, backend, forward_credentials);
+
+    // A stream without include_usage gets it upstream; the usage chunk is removed again
+    // on the way back so the client sees the stream it asked for.
+    let mut strip_usage = false;
+    let mut out_body = cx.body.clone();
+    if let (Some(api), Some(b), Some(llm)) = (cx.api, cx.body.as_ref(), cx.llm.as_ref()) {
+        if llm.stream {
+            if let Some(rewritten) = tollgate_llm::ensure_stream_usage(api, b) {
+                out_body = Some(Bytes::from(rewritten));
+                strip_usage = llm.include_usage != Some(true);
+            }
+        }
+    }
+
+    let pq = match &cx.query {
+        Some(q) => format!("{}?{}", cx.path, q),
+        None => cx.path.clone(),
+    };
+    let upstream_started = Instant::now();
+    let result = match &backend.target {
+        BackendTarget::Simulator(sim) => {
+            let bytes = match out_body {
+                Some(b) => b,
+                None => match body {
+                    Some(b) => match Limited::new(b, usize::try_from(rt.limits.max_request_body_bytes).unwrap_or(usize::MAX)).collect().await {
+                        Ok(c) => c.to_bytes(),
+                        Err(_) => {
+                            settle.release_now();
+                            return Err((Some(cx), GatewayError::BodyTooLarge { limit: rt.limits.max_request_body_bytes }));
+                        }
+                    },
+                    None => Bytes::new(),
+                },
+            };
+            let resp = sim.handle(&parts.method, &cx.path, &up_headers, bytes).await;
+            let (p, b) = resp.into_parts();
+            Ok((p, b.map_err(|never| match never {}).boxed_unsync()))
+        }
+        BackendTarget::Url {
+            scheme,
+            authority,
+            base_path,
+        } => {
+            let uri = format!("{scheme}://{authority}{base_path}{pq}");
+            let uri: http::Uri = match uri.parse() {
+                Ok(u) => u,
+                Err(e) => {
+                    settle.release_now();
+                    return Err((Some(cx), GatewayError::BadRequest(format!("cannot build upstream URI: {e}"))));
+                }
+            };
+            if let Some(h) = host_header(authority) {
+                up_headers.insert(HOST, h);
+            }
+            let req_body: ProxyBody = match out_body {
+                Some(b) => {
+                    up_headers.insert(CONTENT_LENGTH, HeaderValue::from(b.len()));
+                    full(b)
+                }
+                None => match body {
+                    Some(b) => {
+                        if let Some(cl) = parts.headers.get(CONTENT_LENGTH) {
+                            up_headers.insert(CONTENT_LENGTH, cl.clone());
+                        }
+                        b.map_err(Into::into).boxed_unsync()
+                    }
+                    None => full(Bytes::new()),
+                },
+            };
+            let mut req = Request::new(req_body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = uri;
+            *req.headers_mut() = up_headers;
+            let timeout = rt.limits.upstream_response_timeout;
+            match tokio::time::timeout(timeout, gw.client.send(req)).await {
+                Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_millis() as u64)),
+                Ok(Err(e)) => Err(if e.is_connect() {
+                    GatewayError::UpstreamConnect(describe_client_error(&e))
+                } else {
+                    GatewayError::UpstreamConnect(describe_client_error(&e))
+                }),
+                Ok(Ok(resp)) => {
+                    let (p, b) = resp.into_parts();
+                    Ok((p, b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
+                }
+            }
+        }
+    };
+    let (resp_parts, resp_body) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing was served: release reservations, charge nothing.
+            settle.release_now();
+            return Err((Some(cx), e));
+        }
+    };
+    gw.stats.upstream_latency(upstream_started.elapsed());
+
+    settle.status = resp_parts.status.as_u16();
+    let is_sse = resp_parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.starts_with("text/event-stream"))
+        .unwrap_or(false);
+    let mut headers = downstream_headers(&resp_parts.headers, !rl_headers.is_empty());
+    for (k, v) in rl_headers {
+        headers.insert(k, v);
+    }
+    let meter = CallMeter::new(
+        settle,
+        cx.api,
+        is_sse || cx.llm.as_ref().map(|l| l.stream).unwrap_or(false),
+        strip_usage,
+        rt.limits.max_response_buffer_bytes,
+    );
+    if !meter_passthrough(&meter) {
+        headers.remove(CONTENT_LENGTH);
+    }
+    let mut resp = Response::new(MeteredBody::new(resp_body, meter).boxed_unsync());
+    *resp.status_mut() = resp_parts.status;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
+
+fn meter_passthrough(m: &CallMeter) -> bool {
+    use super::body::ChunkMeter;
+    m.passthrough()
+}
+
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn strips_ports() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}
+

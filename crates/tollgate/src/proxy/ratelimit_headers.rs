@@ -1,0 +1,94 @@
+//! Where the caller stands, computed at admission (before this call's own charge), on
+//! 2xx and 429 alike, remaining clamped at 0:
+//! - OpenAI's `x-ratelimit-{limit,remaining,reset}-{tokens,requests}` from the counter of
+//!   each kind with the least remaining (reset as a duration like `6m0s`);
+//! - agentgateway's `x-ratelimit-{limit,remaining,reset}` (reset in seconds) from the
+//!   token counter with the least remaining, or the request counter when no token limit
+//!   applies.
+
+use http::{HeaderName, HeaderValue};
+use tollgate_limits::{CounterKind, CounterSnapshot};
+
+use crate::config::duration::format_reset;
+
+/// The most constraining snapshot of a kind (least remaining; earliest reset on ties).
+fn tightest<'a>(
+    snaps: impl Iterator<Item = (&'a CounterSnapshot, CounterKind)>,
+    kind: CounterKind,
+) -> Option<&'a CounterSnapshot> {
+    snaps
+        .filter(|(_, k)| *k == kind)
+        .map(|(s, _)| s)
+        .min_by_key(|s| (s.remaining(), s.reset_at))
+}
+
+pub fn compute(
+    snapshots: &[CounterSnapshot],
+    kinds: &[CounterKind],
+    now_ms: u64,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let pairs = || snapshots.iter().zip(kinds.iter().copied());
+    let mut out = Vec::with_capacity(9);
+    let tokens = tightest(pairs(), CounterKind::Tokens);
+    let requests = tightest(pairs(), CounterKind::Requests);
+    for (snap, suffix) in [(tokens, "tokens"), (requests, "requests")] {
+        if let Some(s) = snap {
+            let reset_ms = s.reset_at.saturating_sub(now_ms);
+            push(&mut out, &format!("x-ratelimit-limit-{suffix}"), s.limit.to_string());
+            push(&mut out, &format!("x-ratelimit-remaining-{suffix}"), s.remaining().to_string());
+            push(&mut out, &format!("x-ratelimit-reset-{suffix}"), format_reset(reset_ms));
+        }
+    }
+    if let Some(s) = tokens.or(requests) {
+        let reset_s = s.reset_at.saturating_sub(now_ms).div_ceil(1000);
+        push(&mut out, "x-ratelimit-limit", s.limit.to_string());
+        push(&mut out, "x-ratelimit-remaining", s.remaining().to_string());
+        push(&mut out, "x-ratelimit-reset", reset_s.to_string());
+    }
+    out
+}
+
+fn push(out: &mut Vec<(HeaderName, HeaderValue)>, name: &str, value: String) {
+    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+        out.push((n, v));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(limit: u64, value: u64, reset_at: u64) -> CounterSnapshot {
+        CounterSnapshot {
+            limit,
+            value,
+            reserved: 0,
+            window_start: 0,
+            reset_at,
+        }
+    }
+
+    #[test]
+    fn picks_least_remaining_per_kind() {
+        let snaps = [snap(100, 10, 60_000), snap(1000, 950, 3_600_000), snap(10, 3, 30_000)];
+        let kinds = [CounterKind::Tokens, CounterKind::Tokens, CounterKind::Requests];
+        let h = compute(&snaps, &kinds, 0);
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.to_str().unwrap().to_owned());
+        assert_eq!(get("x-ratelimit-limit-tokens").as_deref(), Some("1000"));
+        assert_eq!(get("x-ratelimit-remaining-tokens").as_deref(), Some("50"));
+        assert_eq!(get("x-ratelimit-reset-tokens").as_deref(), Some("1h0m0s"));
+        assert_eq!(get("x-ratelimit-remaining-requests").as_deref(), Some("7"));
+        assert_eq!(get("x-ratelimit-reset-requests").as_deref(), Some("30s"));
+        assert_eq!(get("x-ratelimit-limit").as_deref(), Some("1000"));
+        assert_eq!(get("x-ratelimit-reset").as_deref(), Some("3600"));
+    }
+
+    #[test]
+    fn remaining_clamps_at_zero() {
+        let h = compute(&[snap(50, 80, 1_500)], &[CounterKind::Tokens], 0);
+        let rem = h.iter().find(|(k, _)| k == "x-ratelimit-remaining").unwrap();
+        assert_eq!(rem.1, "0");
+        let reset = h.iter().find(|(k, _)| k == "x-ratelimit-reset").unwrap();
+        assert_eq!(reset.1, "2");
+    }
+}

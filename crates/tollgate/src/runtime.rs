@@ -1,0 +1,646 @@
+//! The immutable runtime compiled from a [`Config`]: routes, backends, the key table and
+//! compiled policies. Built once per (re)load and published atomically; the request path
+//! only reads it — it never parses config or compiles CEL.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use tollgate_limits::cel::Expr;
+use tollgate_limits::policy::{
+    Accounting, Anchor, CompiledLimit, CompiledPolicy, Mode, OnError, PolicyKind, RateSpec,
+    Target,
+};
+
+use crate::auth::{digest, ApiKeys};
+use crate::config::{
+    AccountingConfig, AnchorConfig, ApiKeyHeader, BackendConfig, Config, ModeConfig,
+    OnErrorConfig, PolicyKindConfig, PositionIndex, Problem, RouteAuth, TargetConfig,
+};
+
+pub struct Backend {
+    pub name: String,
+    pub target: BackendTarget,
+    /// The injected upstream credential (header name, value marked sensitive).
+    pub credential: Option<(HeaderName, HeaderValue)>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub forward_client_credentials: bool,
+}
+
+pub enum BackendTarget {
+    Url {
+        scheme: http::uri::Scheme,
+        authority: http::uri::Authority,
+        /// Path prefix without trailing slash ("" for none).
+        base_path: String,
+    },
+    Simulator(Arc<tollgate_sim::Simulator>),
+}
+
+#[derive(Debug, Clone)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com` → ".example.com"
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Any,
+    Prefix(String),
+    Exact(String),
+}
+
+pub struct Route {
+    pub name: Arc<str>,
+    pub hosts: Vec<HostMatch>,
+    pub path: PathMatch,
+    pub methods: Option<Vec<Method>>,
+    pub models: Option<Vec<String>>,
+    pub backend: usize,
+    pub auth: RouteAuth,
+}
+
+impl Route {
+    pub fn matches(&self, host: &str, path: &str, method: &Method, model: Option<&str>) -> bool {
+        if !self.hosts.is_empty()
+            && !self.hosts.iter().any(|h| match h {
+                HostMatch::Exact(e) => e == host,
+                HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            })
+        {
+            return false;
+        }
+        let path_ok = match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => {
+                path == p
+                    || (path.starts_with(p.as_str())
+                        && path.as_bytes().get(p.len()) == Some(&b'/'))
+            }
+        };
+        if !path_ok {
+            return false;
+        }
+        if let Some(ms) = &self.methods {
+            if !ms.contains(method) {
+                return false;
+            }
+        }
+        if let Some(models) = &self.models {
+            match model {
+                Some(m) if models.iter().any(|x| x == m) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+pub struct Limits {
+    pub max_request_body_bytes: u64,
+    pub max_response_buffer_bytes: u64,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_response_timeout: Duration,
+    pub reservation_deadline_ms: u64,
+    pub settle_grace_ms: u64,
+    pub shutdown_grace: Duration,
+}
+
+pub struct Runtime {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub routes: Vec<Route>,
+    /// Some route matches on `models`: the body must be read before routing.
+    pub routes_need_model: bool,
+    pub backends: Vec<Backend>,
+    /// Present when `auth` is configured.
+    pub api_keys: Option<ApiKeys>,
+    pub policies: Vec<CompiledPolicy>,
+    pub limits: Limits,
+    pub access_log: bool,
+    /// The config it was built from (secrets are never serialised from it).
+    pub config: Config,
+}
+
+impl Runtime {
+    pub fn auth_configured(&self) -> bool {
+        self.api_keys.is_some()
+    }
+
+    pub fn find_route(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+        model: Option<&str>,
+    ) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.matches(host, path, method, model))
+    }
+
+    /// Compile a config. Returns every error found (and the warnings) or the runtime.
+    pub fn build(
+        cfg: Config,
+        index: &PositionIndex,
+    ) -> Result<(Runtime, Vec<Problem>), Vec<Problem>> {
+        let mut b = Builder {
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let listen = b.addr("listen", &cfg.listen);
+        let admin_listen = b.addr("admin.listen", &cfg.admin.listen);
+
+        let mut backends = Vec::new();
+        let mut names = HashSet::new();
+        for (i, bc) in cfg.backends.iter().enumerate() {
+            let path = format!("backends[{i}]");
+            if !names.insert(bc.name.clone()) {
+                b.err(format!("{path}.name"), format!("duplicate backend name `{}`", bc.name));
+            }
+            if let Some(be) = b.backend(&path, bc) {
+                backends.push(be);
+            }
+        }
+
+        let mut routes = Vec::new();
+        let mut route_names = HashSet::new();
+        for (i, rc) in cfg.routes.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            if !route_names.insert(rc.name.clone()) {
+                b.err(format!("{path}.name"), format!("duplicate route name `{}`", rc.name));
+            }
+            let backend = cfg.backends.iter().position(|x| x.name == rc.backend);
+            if backend.is_none() {
+                let known: Vec<_> = cfg.backends.iter().map(|x| x.name.as_str()).collect();
+                b.err(
+                    format!("{path}.backend"),
+                    format!("no backend named `{}` (known: {})", rc.backend, known.join(", ")),
+                );
+            }
+            let m = &rc.matcher;
+            let pm = match (&m.path_prefix, &m.path) {
+                (Some(_), Some(_)) => {
+                    b.err(format!("{path}.match"), "give either `path_prefix` or `path`, not both");
+                    PathMatch::Any
+                }
+                (Some(p), None) => {
+                    if !p.starts_with('/') {
+                        b.err(format!("{path}.match.path_prefix"), "must start with '/'");
+                    }
+                    let p = p.trim_end_matches('/');
+                    if p.is_empty() {
+                        PathMatch::Any
+                    } else {
+                        PathMatch::Prefix(p.to_owned())
+                    }
+                }
+                (None, Some(p)) => {
+                    if !p.starts_with('/') {
+                        b.err(format!("{path}.match.path"), "must start with '/'");
+                    }
+                    PathMatch::Exact(p.clone())
+                }
+                (None, None) => PathMatch::Any,
+            };
+            let methods = m.methods.as_ref().map(|ms| {
+                ms.iter()
+                    .enumerate()
+                    .filter_map(|(j, s)| match Method::from_bytes(s.to_ascii_uppercase().as_bytes()) {
+                        Ok(m) => Some(m),
+                        Err(_) => {
+                            b.err(format!("{path}.match.methods[{j}]"), format!("`{s}` is not an HTTP method"));
+                            None
+                        }
+                    })
+                    .collect()
+            });
+            let hosts = rc
+                .hostnames
+                .iter()
+                .flatten()
+                .map(|h| {
+                    let h = h.to_ascii_lowercase();
+                    match h.strip_prefix('*') {
+                        Some(rest) if rest.starts_with('.') => HostMatch::Suffix(rest.to_owned()),
+                        _ => HostMatch::Exact(h),
+                    }
+                })
+                .collect();
+            let auth = rc.auth.unwrap_or_default();
+            if let Some(bi) = backend {
+                if cfg.backends[bi].forward_client_credentials
+                    && cfg.auth.is_some()
+                    && auth != RouteAuth::None
+                {
+                    b.err(
+                        format!("{path}.auth"),
+                        format!(
+                            "backend `{}` forwards client credentials, which is only allowed on routes with `auth: none`",
+                            rc.backend
+                        ),
+                    );
+                }
+            }
+            routes.push(Route {
+                name: Arc::from(rc.name.as_str()),
+                hosts,
+                path: pm,
+                methods,
+                models: m.models.clone(),
+                backend: backend.unwrap_or(0),
+                auth,
+            });
+        }
+        if cfg.routes.is_empty() {
+            b.warn("routes", "no routes: every request will get 404");
+        }
+
+        let api_keys = cfg.auth.as_ref().map(|a| {
+            let mut table = ApiKeys::new(
+                a.api_keys
+                    .as_ref()
+                    .map(|k| k.prefixes.as_slice())
+                    .unwrap_or(&[]),
+            );
+            if let Some(k) = &a.api_keys {
+                for (i, kc) in k.keys.iter().enumerate() {
+                    let path = format!("auth.api_keys.keys[{i}]");
+                    let given = [kc.key.is_some(), kc.key_env.is_some(), kc.key_file.is_some(), kc.sha256.is_some()]
+                        .iter()
+                        .filter(|x| **x)
+                        .count();
+                    if given != 1 {
+                        b.err(&path, "give exactly one of `key`, `key_env`, `key_file`, `sha256`");
+                        continue;
+                    }
+                    let d = if let Some(k) = &kc.key {
+                        Some(digest(k))
+                    } else if let Some(var) = &kc.key_env {
+                        match std::env::var(var) {
+                            Ok(v) if !v.is_empty() => Some(digest(&v)),
+                            _ => {
+                                b.err(format!("{path}.key_env"), format!("environment variable `{var}` is not set"));
+                                None
+                            }
+                        }
+                    } else if let Some(f) = &kc.key_file {
+                        match std::fs::read_to_string(f) {
+                            Ok(v) => Some(digest(v.trim_end_matches(['\n', '\r']))),
+                            Err(e) => {
+                                b.err(format!("{path}.key_file"), format!("cannot read `{f}`: {e}"));
+                                None
+                            }
+                        }
+                    } else if let Some(h) = &kc.sha256 {
+                        match hex::decode(h.trim()) {
+                            Ok(bytes) if bytes.len() == 32 => {
+                                let mut d = [0u8; 32];
+                                d.copy_from_slice(&bytes);
+                                Some(d)
+                            }
+                            _ => {
+                                b.err(format!("{path}.sha256"), "expected 64 hex characters (a SHA-256 digest)");
+                                None
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    if let Some(d) = d {
+                        if !table.insert(d, &serde_json::Value::Object(kc.identity.clone())) {
+                            b.err(&path, "this key is listed twice");
+                        }
+                    }
+                }
+            }
+            table
+        });
+
+        // Identity fields some auth source produces, for warnings on predicates.
+        let identity_fields: BTreeSet<String> = cfg
+            .auth
+            .iter()
+            .flat_map(|a| a.api_keys.iter())
+            .flat_map(|k| k.keys.iter())
+            .flat_map(|k| k.identity.keys().cloned())
+            .collect();
+
+        let mut policies = Vec::new();
+        let mut policy_names = HashSet::new();
+        for (i, pc) in cfg.policies.iter().enumerate() {
+            let path = format!("policies[{i}]");
+            if !policy_names.insert(pc.name.clone()) {
+                b.err(format!("{path}.name"), format!("duplicate policy name `{}`", pc.name));
+            }
+            let target = match &pc.target {
+                TargetConfig::Named(n) if n == "gateway" => Target::Gateway,
+                TargetConfig::Named(n) => {
+                    b.err(format!("{path}.target"), format!("expected `gateway` or {{ route: NAME }}, got `{n}`"));
+                    Target::Gateway
+                }
+                TargetConfig::Route { route } => Target::Routes(vec![route.clone()]),
+                TargetConfig::Routes { routes } => Target::Routes(routes.clone()),
+            };
+            if let Target::Routes(rs) = &target {
+                for r in rs {
+                    if !cfg.routes.iter().any(|x| &x.name == r) {
+                        b.err(format!("{path}.target"), format!("no route named `{r}`"));
+                    }
+                }
+            }
+            let kind = match pc.kind {
+                PolicyKindConfig::TokenRateLimitPolicy => PolicyKind::Tokens,
+                PolicyKindConfig::RateLimitPolicy => PolicyKind::Requests,
+            };
+            let cost = pc
+                .cost
+                .as_ref()
+                .and_then(|src| b.cel(&format!("{path}.cost"), src, &identity_fields));
+            if pc.cost.is_some() && kind == PolicyKind::Requests {
+                b.err(format!("{path}.cost"), "`cost` applies to TokenRateLimitPolicy only");
+            }
+            if pc.accounting == AccountingConfig::Reserve && kind == PolicyKind::Requests {
+                b.err(format!("{path}.accounting"), "`accounting` applies to TokenRateLimitPolicy only");
+            }
+            if pc.limits.is_empty() {
+                b.warn(format!("{path}.limits"), "policy has no limits");
+            }
+            let mut limits = Vec::new();
+            for (lname, lc) in &pc.limits {
+                let lpath = format!("{path}.limits.{lname}");
+                if lc.rates.is_empty() && lc.max_in_flight.is_none() {
+                    b.err(format!("{lpath}.rates"), "a limit needs at least one rate (or max_in_flight)");
+                }
+                let mut rates = Vec::new();
+                let mut seen_windows = HashSet::new();
+                for (ri, rc) in lc.rates.iter().enumerate() {
+                    let rpath = format!("{lpath}.rates[{ri}]");
+                    let window_ms = rc.window.as_millis_u64();
+                    if window_ms == 0 {
+                        b.err(format!("{rpath}.window"), "window must be longer than 0");
+                    }
+                    if !seen_windows.insert(window_ms) {
+                        b.err(format!("{rpath}.window"), "two rates of one limit share a window length; they would share one counter");
+                    }
+                    if rc.burst.is_some() && kind == PolicyKind::Tokens {
+                        b.err(format!("{rpath}.burst"), "`burst` applies to request rates (RateLimitPolicy) only");
+                    }
+                    rates.push(RateSpec {
+                        limit: rc.limit,
+                        window_ms: window_ms.max(1),
+                        burst: rc.burst,
+                    });
+                }
+                let when = lc
+                    .when
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(wi, src)| b.cel(&format!("{lpath}.when[{wi}]"), src, &identity_fields))
+                    .collect();
+                let counters = lc
+                    .counters
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(ci, src)| b.cel(&format!("{lpath}.counters[{ci}]"), src, &identity_fields))
+                    .collect();
+                if lc.counters.is_empty() {
+                    b.warn(
+                        format!("{lpath}.counters"),
+                        "no counters: one budget is shared by every caller this limit applies to",
+                    );
+                }
+                limits.push(CompiledLimit {
+                    name: Arc::from(lname.as_str()),
+                    rates,
+                    when,
+                    counters,
+                    on_error: match lc.on_error {
+                        OnErrorConfig::Skip => OnError::Skip,
+                        OnErrorConfig::Deny => OnError::Deny,
+                    },
+                    anchor: match lc.anchor {
+                        AnchorConfig::Epoch => Anchor::Epoch,
+                        AnchorConfig::Staggered => Anchor::Staggered,
+                    },
+                    max_in_flight: lc.max_in_flight,
+                });
+            }
+            policies.push(CompiledPolicy {
+                name: Arc::from(pc.name.as_str()),
+                kind,
+                target,
+                mode: match pc.mode {
+                    ModeConfig::Enforce => Mode::Enforce,
+                    ModeConfig::Shadow => Mode::Shadow,
+                },
+                accounting: match pc.accounting {
+                    AccountingConfig::After => Accounting::After,
+                    AccountingConfig::Reserve => Accounting::Reserve,
+                },
+                cost,
+                limits,
+            });
+        }
+
+        let s = &cfg.server;
+        let ms = |d: &Option<crate::config::ConfigDuration>, default: u64| {
+            d.map(|d| d.as_millis_u64()).unwrap_or(default)
+        };
+        let limits = Limits {
+            max_request_body_bytes: s.max_request_body_bytes.unwrap_or(8 << 20),
+            max_response_buffer_bytes: s.max_response_buffer_bytes.unwrap_or(16 << 20),
+            upstream_connect_timeout: Duration::from_millis(ms(&s.upstream_connect_timeout, 5_000)),
+            upstream_response_timeout: Duration::from_millis(ms(&s.upstream_response_timeout, 300_000)),
+            reservation_deadline_ms: ms(&s.reservation_deadline, 900_000),
+            settle_grace_ms: ms(&cfg.storage.settle_grace, 300_000),
+            shutdown_grace: Duration::from_millis(ms(&s.shutdown_grace, 30_000)),
+        };
+
+        let errors: Vec<Problem> = b.errors.into_iter().map(|p| p.located(index)).collect();
+        let warnings: Vec<Problem> = b.warnings.into_iter().map(|p| p.located(index)).collect();
+        if !errors.is_empty() {
+            let mut all = errors;
+            all.extend(warnings);
+            return Err(all);
+        }
+        let (Some(listen), Some(admin_listen)) = (listen, admin_listen) else {
+            return Err(vec![Problem::error("listen", "invalid listen address")]);
+        };
+        Ok((
+            Runtime {
+                listen,
+                admin_listen,
+                routes_need_model: routes.iter().any(|r| r.models.is_some()),
+                routes,
+                backends,
+                api_keys,
+                policies,
+                limits,
+                access_log: cfg.logging.access_log.unwrap_or(true),
+                config: cfg,
+            },
+            warnings,
+        ))
+    }
+}
+
+struct Builder {
+    errors: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl Builder {
+    fn err(&mut self, path: impl Into<String>, msg: impl Into<String>) {
+        self.errors.push(Problem::error(path, msg));
+    }
+    fn warn(&mut self, path: impl Into<String>, msg: impl Into<String>) {
+        self.warnings.push(Problem::warning(path, msg));
+    }
+
+    fn addr(&mut self, path: &str, s: &str) -> Option<SocketAddr> {
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(path, format!("`{s}` is not an address like 127.0.0.1:8080"));
+                None
+            }
+        }
+    }
+
+    fn cel(&mut self, path: &str, src: &str, identity_fields: &BTreeSet<String>) -> Option<Expr> {
+        match Expr::compile(src) {
+            Ok(e) => {
+                for p in e.member_paths() {
+                    let p = p.strip_prefix("request.").map(|_| p.as_str()).unwrap_or(&p);
+                    let root = p.split('.').next().unwrap_or("");
+                    if !matches!(root, "request" | "source" | "auth" | "llm" | "usage" | "destination") {
+                        continue;
+                    }
+                    if let Some(rest) = p.strip_prefix("auth.identity.") {
+                        let field = rest.split('.').next().unwrap_or("");
+                        if !identity_fields.is_empty() && !identity_fields.contains(field) {
+                            self.warn(
+                                path,
+                                format!("`auth.identity.{field}` is produced by no configured API key identity"),
+                            );
+                        }
+                    }
+                }
+                Some(e)
+            }
+            Err(e) => {
+                self.err(
+                    path,
+                    format!("CEL does not compile at {}:{}: {} in `{src}`", e.line, e.column, e.message),
+                );
+                None
+            }
+        }
+    }
+
+    fn backend(&mut self, path: &str, bc: &BackendConfig) -> Option<Backend> {
+        let target = match (&bc.url, &bc.simulator) {
+            (Some(_), Some(_)) | (None, None) => {
+                self.err(path, "give exactly one of `url` and `simulator`");
+                return None;
+            }
+            (Some(url), None) => {
+                let uri: http::Uri = match url.parse() {
+                    Ok(u) => u,
+                    Err(e) => {
+                        self.err(format!("{path}.url"), format!("`{url}` is not a URL: {e}"));
+                        return None;
+                    }
+                };
+                let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+                    self.err(format!("{path}.url"), format!("`{url}` needs a scheme and host, like http://127.0.0.1:8000"));
+                    return None;
+                };
+                if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+                    self.err(format!("{path}.url"), "scheme must be http or https");
+                }
+                if uri.query().is_some() {
+                    self.err(format!("{path}.url"), "a backend URL cannot carry a query");
+                }
+                BackendTarget::Url {
+                    scheme,
+                    authority,
+                    base_path: uri.path().trim_end_matches('/').to_owned(),
+                }
+            }
+            (None, Some(sim)) => BackendTarget::Simulator(Arc::new(tollgate_sim::Simulator::new(
+                tollgate_sim::SimConfig {
+                    model: sim.model.clone(),
+                    latency_ms: sim.latency_ms,
+                    ms_per_token: sim.ms_per_token,
+                    default_max_tokens: 16,
+                },
+            ))),
+        };
+        let key = match (&bc.api_key_env, &bc.api_key_file) {
+            (Some(_), Some(_)) => {
+                self.err(path, "give at most one of `api_key_env` and `api_key_file`");
+                None
+            }
+            (Some(var), None) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Some(v),
+                _ => {
+                    // Not fatal: a backend may be unused in this deployment. Calls to it
+                    // go out without a key and the provider answers 401.
+                    self.warn(
+                        format!("{path}.api_key_env"),
+                        format!("environment variable `{var}` is not set; requests to `{}` carry no API key", bc.name),
+                    );
+                    None
+                }
+            },
+            (None, Some(f)) => match std::fs::read_to_string(f) {
+                Ok(v) => Some(v.trim_end_matches(['\n', '\r']).to_owned()),
+                Err(e) => {
+                    self.err(format!("{path}.api_key_file"), format!("cannot read `{f}`: {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let credential = match key {
+            None => None,
+            Some(k) => {
+                let (name, value) = match bc.api_key_header.unwrap_or_default() {
+                    ApiKeyHeader::Authorization => (http::header::AUTHORIZATION, format!("Bearer {k}")),
+                    ApiKeyHeader::XApiKey => (HeaderName::from_static("x-api-key"), k),
+                    ApiKeyHeader::ApiKey => (HeaderName::from_static("api-key"), k),
+                };
+                match HeaderValue::from_str(&value) {
+                    Ok(mut v) => {
+                        v.set_sensitive(true);
+                        Some((name, v))
+                    }
+                    Err(_) => {
+                        self.err(format!("{path}.api_key_env"), "the API key contains characters not allowed in a header");
+                        None
+                    }
+                }
+            }
+        };
+        let mut headers = Vec::new();
+        for (k, v) in &bc.headers {
+            match (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                (Ok(n), Ok(v)) => headers.push((n, v)),
+                _ => self.err(format!("{path}.headers.{k}"), "not a valid header name/value"),
+            }
+        }
+        Some(Backend {
+            name: bc.name.clone(),
+            target,
+            credential,
+            headers,
+            forward_client_credentials: bc.forward_client_credentials,
+        })
+    }
+}

@@ -1,0 +1,267 @@
+//! Test harness: the real `tollgate` binary on port 0 with a test clock, and a real
+//! upstream (the simulator crate on its own socket, counting what reaches it).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Start of the test clock: a whole minute, hour and day (2027-01-15T08:00:00Z), so
+/// tests know where window edges fall.
+pub const T0: u64 = 1_800_000_000_000 - (1_800_000_000_000 % 86_400_000) + 8 * 3_600_000;
+
+pub struct Gateway {
+    child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub stderr_path: PathBuf,
+    _dir: tempdir::TempDir,
+}
+
+mod tempdir {
+    /// Minimal temp dir (removed on drop) to avoid a dependency.
+    pub struct TempDir(pub std::path::PathBuf);
+    impl TempDir {
+        pub fn new() -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "tollgate-test-{}-{}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        t ^ (N.fetch_add(1, Ordering::Relaxed) << 48)
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+impl Gateway {
+    /// Start with `config` (its `listen`/`admin.listen` are overridden to port 0).
+    pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempdir::TempDir::new();
+        let cfg = dir.0.join("config.yaml");
+        std::fs::write(&cfg, config).unwrap();
+        let stderr_path = dir.0.join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "-c"])
+            .arg(&cfg)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg(format!("--test-clock={T0}"))
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tollgate");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("tollgate listening") => break l,
+                Some(Ok(_)) => continue,
+                _ => {
+                    let _ = child.wait();
+                    panic!(
+                        "tollgate did not start:\n{}",
+                        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                    );
+                }
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let field = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        Gateway {
+            proxy: field("proxy"),
+            admin: field("admin"),
+            child,
+            stderr_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub async fn set_clock(&self, ms: u64) {
+        let r = client()
+            .post(self.admin_url("/admin/test-clock"))
+            .body(format!("{{\"set_ms\": {ms}}}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    pub async fn advance(&self, ms: u64) {
+        let r = client()
+            .post(self.admin_url("/admin/test-clock"))
+            .body(format!("{{\"advance_ms\": {ms}}}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    pub async fn counters(&self, prefix: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = client()
+            .get(self.admin_url("/admin/counters"))
+            .query(&[("prefix", prefix)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["counters"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Wait until all settlements for `prefix` are visible (settlement is asynchronous).
+    pub async fn counter_value(&self, id: &str, window_start: Option<u64>) -> Option<u64> {
+        self.counters(id)
+            .await
+            .iter()
+            .find(|c| {
+                c["id"] == id
+                    && window_start
+                        .map(|w| c["window_start"].as_u64() == Some(w))
+                        .unwrap_or(true)
+            })
+            .and_then(|c| c["value"].as_u64())
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A simulator on its own socket, as a real upstream.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub sim: Arc<tollgate_sim::Simulator>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let sim = Arc::new(tollgate_sim::Simulator::new(tollgate_sim::SimConfig {
+            model: "sim-model".into(),
+            latency_ms: 0,
+            ms_per_token: 0,
+            default_max_tokens: 16,
+        }));
+        tokio::spawn(tollgate_sim::serve(l, sim.clone()));
+        Upstream { addr, sim }
+    }
+
+    pub fn served(&self) -> u64 {
+        self.sim.requests_served()
+    }
+}
+
+/// The quickstart policies in front of `backend_yaml`.
+pub fn quickstart_config(backends_yaml: &str) -> String {
+    format!(
+        r#"
+listen: 127.0.0.1:0
+backends:
+{backends_yaml}
+routes:
+  - name: llm
+    match: {{ path_prefix: /v1 }}
+    backend: up
+auth:
+  api_keys:
+    prefixes: [APIKEY, Bearer]
+    keys:
+      - key: iamafreeuser
+        identity: {{ userid: user-1, groups: free }}
+      - key: iamagolduser
+        identity: {{ userid: user-2, groups: gold }}
+policies:
+  - name: trlp
+    kind: TokenRateLimitPolicy
+    target: gateway
+    limits:
+      free:
+        rates: [{{ limit: 50, window: 1m }}]
+        when:
+          - request.path == "/v1/chat/completions"
+          - auth.identity.groups.split(",").exists(g, g == "free")
+        counters: [auth.identity.userid]
+      gold:
+        rates: [{{ limit: 200, window: 1m }}]
+        when:
+          - request.path == "/v1/chat/completions"
+          - auth.identity.groups.split(",").exists(g, g == "gold")
+        counters: [auth.identity.userid]
+"#
+    )
+}
+
+pub fn chat_body(max_tokens: u64) -> serde_json::Value {
+    serde_json::json!({
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": max_tokens,
+    })
+}
+
+pub fn write_stdin(child: &mut Child, s: &str) {
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(s.as_bytes());
+    }
+}

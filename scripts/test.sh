@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The test command: brings up everything the tests need on a fresh machine, then runs
+# the Rust suites (cargo nextest, every crate) and the Python client-compatibility
+# tests (official openai and anthropic SDKs, in a venv).
+#
+#   ./scripts/test.sh            # everything
+#   ./scripts/test.sh --rust     # only the Rust suites
+#   ./scripts/test.sh --python   # only the Python SDK tests (builds the binary first)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+want_rust=1; want_python=1
+case "${1:-}" in
+  --rust) want_python=0 ;;
+  --python) want_rust=0 ;;
+  "") ;;
+  *) echo "usage: $0 [--rust|--python]" >&2; exit 2 ;;
+esac
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+apt_install() {
+  # Install Debian packages when missing (CI and fresh machines run as root).
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "== installing ${missing[*]} (apt)"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# cargo-nextest: the runner. Install it when the machine lacks it.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "== installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+# Python venv with the official SDKs and pytest.
+setup_venv() {
+  local venv="$root/.venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" || { apt_install python3-venv; python3 -m venv "$venv"; }
+  fi
+  local stamp="$venv/.deps-$(sha256sum tests/python/requirements.txt | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+    touch "$stamp"
+  fi
+}
+
+status=0
+if [ $want_rust -eq 1 ]; then
+  echo "== cargo nextest run --workspace"
+  cargo nextest run --workspace --no-fail-fast || status=1
+fi
+
+if [ $want_python -eq 1 ]; then
+  setup_venv
+  echo "== building tollgate for the Python tests"
+  cargo build -q -p tollgate
+  export TOLLGATE_BIN="$root/target/debug/tollgate"
+  echo "== pytest tests/python"
+  set +e
+  "$root/.venv/bin/python" -m pytest -q tests/python
+  rc=$?
+  set -e
+  # pytest exits 5 when it collected nothing: that is a failure here.
+  [ $rc -eq 0 ] || status=1
+fi
+exit $status
