@@ -1,7 +1,6 @@
 //! The workers: connections, scheduling, timing and per-worker statistics.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,53 +149,90 @@ impl Stats {
     }
 }
 
-/// Shared schedule of a run. Times are tokio instants so tests can pause time.
+/// When requests go out.
+///
+/// Closed loop: a worker starts its next request as soon as the previous one ends, until
+/// `end`. Open loop: a pacer thread (a plain OS thread, so slots are released with
+/// `nanosleep` precision rather than the tokio timer's 1 ms granularity, which would add up
+/// to a millisecond of client-side lag to every measurement) sends slot `k`'s scheduled time
+/// `start + k * interval` to the workers through a queue. A worker that is free takes the
+/// next slot at once; when all are busy, slots wait in the queue and their latency, measured
+/// from the scheduled time, includes that wait.
 struct Schedule {
-    start: Instant,
     record_from: Instant,
     end: Instant,
-    interval: Option<Duration>,
-    /// Next open-loop slot to hand out.
-    next_slot: AtomicU64,
+    slots: Option<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Instant>>>,
 }
 
 impl Schedule {
     /// The next request's scheduled time, or `None` when the run is over.
-    fn next(&self) -> Option<Instant> {
-        match self.interval {
-            None => Some(Instant::now()).filter(|now| *now < self.end),
-            Some(interval) => {
-                let k = self.next_slot.fetch_add(1, Ordering::Relaxed);
-                let offset = interval.checked_mul(u32::try_from(k).ok()?)?;
-                Some(self.start + offset).filter(|at| *at < self.end)
+    async fn next(&self, stats: &mut Stats) -> Option<Instant> {
+        let Some(slots) = &self.slots else {
+            return Some(Instant::now()).filter(|now| *now < self.end);
+        };
+        loop {
+            let at = slots.lock().await.recv().await?;
+            if Instant::now() < self.end {
+                return Some(at);
+            }
+            // Due during the run, but no worker was free to send it before the end.
+            if at >= self.record_from {
+                stats.not_sent += 1;
             }
         }
     }
+}
 
-    /// Open-loop slots in the measurement window that no worker took.
-    fn unclaimed_in_window(&self) -> u64 {
-        let Some(interval) = self.interval else {
-            return 0;
-        };
-        let total = (self.end - self.start).as_secs_f64() / interval.as_secs_f64();
-        let total = total.ceil() as u64;
-        let warm =
-            ((self.record_from - self.start).as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
-        let taken = self.next_slot.load(Ordering::Relaxed);
-        total.saturating_sub(taken.max(warm))
-    }
+/// Scheduled time of open-loop slot `k`, if it falls before `end`.
+fn slot_time(start: Instant, interval: Duration, k: u64, end: Instant) -> Option<Instant> {
+    let offset = interval.checked_mul(u32::try_from(k).ok()?)?;
+    Some(start + offset).filter(|at| *at < end)
+}
+
+/// Release open-loop slots on time until `end`, from a dedicated OS thread.
+fn spawn_pacer(
+    start: Instant,
+    interval: Duration,
+    end: Instant,
+    slots: tokio::sync::mpsc::UnboundedSender<Instant>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("tollgate-load-pacer".to_owned())
+        .spawn(move || {
+            let mut k = 0u64;
+            while let Some(at) = slot_time(start, interval, k, end) {
+                let wait = at
+                    .into_std()
+                    .saturating_duration_since(std::time::Instant::now());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+                if slots.send(at).is_err() {
+                    return;
+                }
+                k += 1;
+            }
+        })
 }
 
 /// Run the plan to completion and return the merged statistics.
 pub async fn run(plan: Plan) -> Result<Stats, String> {
     let start = Instant::now();
     let record_from = start + plan.warmup;
+    let end = record_from + plan.duration;
+    let (slots, pacer) = match plan.interval {
+        None => (None, None),
+        Some(interval) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let pacer = spawn_pacer(start, interval, end, tx)
+                .map_err(|e| format!("cannot start the pacer thread: {e}"))?;
+            (Some(tokio::sync::Mutex::new(rx)), Some(pacer))
+        }
+    };
     let schedule = Arc::new(Schedule {
-        start,
         record_from,
-        end: record_from + plan.duration,
-        interval: plan.interval,
-        next_slot: AtomicU64::new(0),
+        end,
+        slots,
     });
     let plan = Arc::new(plan);
     let mut workers = Vec::with_capacity(plan.concurrency);
@@ -210,7 +246,11 @@ pub async fn run(plan: Plan) -> Result<Stats, String> {
         let stats = w.await.map_err(|e| format!("worker failed: {e}"))??;
         total.merge(&stats)?;
     }
-    total.not_sent = schedule.unclaimed_in_window();
+    if let Some(pacer) = pacer {
+        pacer
+            .join()
+            .map_err(|_| "the pacer thread panicked".to_owned())?;
+    }
     Ok(total)
 }
 
@@ -290,8 +330,7 @@ async fn worker(plan: &Plan, schedule: &Schedule) -> Result<Stats, String> {
     let host =
         HeaderValue::from_str(&plan.target.authority).map_err(|e| format!("host header: {e}"))?;
     let mut sender: Option<Sender> = None;
-    while let Some(scheduled) = schedule.next() {
-        tokio::time::sleep_until(scheduled).await;
+    while let Some(scheduled) = schedule.next(&mut stats).await {
         let recorded = scheduled >= schedule.record_from;
         let request = build_request(plan, &host)?;
         let result = tokio::time::timeout(plan.timeout, async {
@@ -345,22 +384,16 @@ mod tests {
         assert_eq!(t.path_and_query, "/");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn open_loop_slots_are_evenly_spaced_and_end() {
+    #[test]
+    fn open_loop_slots_are_evenly_spaced_and_end() {
         let start = Instant::now();
-        let s = Schedule {
-            start,
-            record_from: start + Duration::from_secs(1),
-            end: start + Duration::from_secs(2),
-            interval: Some(Duration::from_millis(100)),
-            next_slot: AtomicU64::new(0),
-        };
-        let mut times = Vec::new();
-        while let Some(t) = s.next() {
-            times.push(t - start);
-        }
+        let end = start + Duration::from_secs(2);
+        let interval = Duration::from_millis(100);
+        let times: Vec<Duration> = (0..)
+            .map_while(|k| slot_time(start, interval, k, end))
+            .map(|t| t - start)
+            .collect();
         assert_eq!(times.len(), 20);
         assert_eq!(times[3], Duration::from_millis(300));
-        assert_eq!(s.unclaimed_in_window(), 0);
     }
 }

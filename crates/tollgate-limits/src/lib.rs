@@ -20,8 +20,10 @@ pub mod time;
 pub mod window;
 
 pub use counter::{CounterId, CounterKind, CounterOp, Need, Rate};
+pub use store::memory::MemoryStore;
 pub use store::{
     Admission, CounterSnapshot, CounterView, InspectFilter, Refusal, Settlement, Store, StoreError,
 };
+pub use store::{ReservationId, SweepStats};
 pub use time::{Clock, ManualClock, SystemClock};
 pub use window::Window;

@@ -39,6 +39,10 @@ fn bucket(id: &str, limit: u64, per_ms: u64, commit: u64) -> CounterOp {
     }
 }
 
+fn one(op: &CounterOp) -> &[CounterOp] {
+    std::slice::from_ref(op)
+}
+
 fn settlement(op: &CounterOp, admitted: &Admission, r: u64, actual: u64) -> Settlement {
     let Admission::Admitted { snapshots } = admitted else {
         panic!("refused: {admitted:?}");
@@ -58,12 +62,10 @@ fn value_at(store: &MemoryStore, now: u64, op: &CounterOp) -> (u64, u64) {
         reserve: 0,
         ..op.clone()
     };
-    let snap = match store
-        .admit_sync(now, &[probe], ReservationId(0), now)
-        .unwrap()
-    {
-        Admission::Admitted { snapshots } => snapshots[0],
-        Admission::Refused(r) => r.snapshots[0],
+    let snap = match store.admit_sync(now, one(&probe), ReservationId(0), now) {
+        Ok(Admission::Admitted { snapshots }) => snapshots[0],
+        Ok(Admission::Refused(r)) => r.snapshots[0],
+        Err(e) => panic!("{e}"),
     };
     (snap.value, snap.reserved)
 }
@@ -73,10 +75,10 @@ fn settlement_within_grace_lands_after_it_is_dropped_and_counted() {
     let store = MemoryStore::new(10_000);
     let op = fixed("grace/a", 100, 0, 10);
     let a = store
-        .admit_sync(T0 + 1_000, &[op.clone()], ReservationId(1), T0 + 5 * MINUTE)
+        .admit_sync(T0 + 1_000, one(&op), ReservationId(1), T0 + 5 * MINUTE)
         .unwrap();
     let b = store
-        .admit_sync(T0 + 2_000, &[op.clone()], ReservationId(2), T0 + 5 * MINUTE)
+        .admit_sync(T0 + 2_000, one(&op), ReservationId(2), T0 + 5 * MINUTE)
         .unwrap();
     // Window [T0, T0+60s) is kept until T0+70s.
     store.sweep_sync(T0 + MINUTE + 9_999);
@@ -104,7 +106,7 @@ fn late_settlement_recreates_a_reset_window_within_grace() {
     let store = MemoryStore::new(MINUTE);
     let op = fixed("late/a", 100, 0, 10);
     let a = store
-        .admit_sync(T0 + 1_000, &[op.clone()], ReservationId(1), T0 + MINUTE)
+        .admit_sync(T0 + 1_000, one(&op), ReservationId(1), T0 + MINUTE)
         .unwrap();
     assert_eq!(store.reset_sync(&op.id), 1);
     assert_eq!(store.outstanding_reservations(), 0);
@@ -120,7 +122,7 @@ fn sweep_keeps_buckets_in_debt_and_drops_full_ones() {
     let store = MemoryStore::new(0);
     let op = bucket("sweep/bucket", 10, 1_000, 5);
     store
-        .admit_sync(T0, &[op.clone()], ReservationId(1), T0)
+        .admit_sync(T0, one(&op), ReservationId(1), T0)
         .unwrap();
     store.sweep_sync(T0 + 499);
     assert_eq!(store.stats().counters, 1);
@@ -134,7 +136,7 @@ fn bucket_keeps_its_spend_when_the_period_changes() {
     let store = MemoryStore::new(0);
     let op = bucket("rescale/b", 10, MINUTE, 10);
     store
-        .admit_sync(T0, &[op.clone()], ReservationId(1), T0)
+        .admit_sync(T0, one(&op), ReservationId(1), T0)
         .unwrap();
     // Same tokens missing, now refilling twice as fast.
     let faster = bucket("rescale/b", 10, MINUTE / 2, 0);
@@ -147,7 +149,7 @@ fn a_different_kind_of_rate_starts_the_counter_afresh() {
     let store = MemoryStore::new(MINUTE);
     let op = fixed("kind/a", 100, 5, 10);
     store
-        .admit_sync(T0, &[op.clone()], ReservationId(1), T0 + MINUTE)
+        .admit_sync(T0, one(&op), ReservationId(1), T0 + MINUTE)
         .unwrap();
     assert_eq!(store.outstanding_reservations(), 1);
     let as_bucket = bucket("kind/a", 100, MINUTE, 0);
@@ -160,18 +162,16 @@ fn time_going_backwards_is_harmless() {
     let store = MemoryStore::new(MINUTE);
     let op = bucket("back/b", 10, 1_000, 10);
     store
-        .admit_sync(T0 + 5_000, &[op.clone()], ReservationId(1), T0)
+        .admit_sync(T0 + 5_000, one(&op), ReservationId(1), T0)
         .unwrap();
     // An admission that read the clock earlier refills nothing and panics nowhere.
     assert_eq!(value_at(&store, T0 + 4_000, &op), (10, 0));
     assert_eq!(value_at(&store, T0 + 5_100, &op), (9, 0));
     let f = fixed("back/f", 10, 1, 0);
     store
-        .admit_sync(T0 + 2 * MINUTE, &[f.clone()], ReservationId(2), T0)
+        .admit_sync(T0 + 2 * MINUTE, one(&f), ReservationId(2), T0)
         .unwrap();
-    store
-        .admit_sync(T0, &[f.clone()], ReservationId(3), T0)
-        .unwrap();
+    store.admit_sync(T0, one(&f), ReservationId(3), T0).unwrap();
     store.sweep_sync(0);
     assert_eq!(store.stats().windows, 2);
 }

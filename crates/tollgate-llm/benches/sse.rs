@@ -13,7 +13,9 @@ use tollgate_llm::{ensure_stream_usage, inspect_request, Api, Forward, SseScanne
 /// About 1 MiB of OpenAI chat chunks shaped like the captured gpt-5-nano stream: one
 /// short content delta per event, `usage: null`, then the usage-only chunk and `[DONE]`.
 fn chat_stream() -> Vec<u8> {
-    let words = ["Hello", " there", ",", " how", " can", " I", " help", " you", " today", "?", " 日本"];
+    let words = [
+        "Hello", " there", ",", " how", " can", " I", " help", " you", " today", "?", " 日本",
+    ];
     let mut out = String::new();
     let mut i = 0;
     while out.len() < 1 << 20 {
@@ -31,15 +33,10 @@ fn chat_stream() -> Vec<u8> {
 /// Chunks as they would come off the socket: one event per chunk (how OpenAI writes)
 /// and 1400-byte segments that split events anywhere.
 fn per_event(stream: &[u8]) -> Vec<&[u8]> {
-    stream
-        .split_inclusive(|&b| b == b'\n')
-        .collect::<Vec<_>>()
-        .chunks(2)
-        .map(|pair| {
-            let len: usize = pair.iter().map(|l| l.len()).sum();
-            let start = pair[0].as_ptr() as usize - stream.as_ptr() as usize;
-            &stream[start..start + len]
-        })
+    std::str::from_utf8(stream)
+        .unwrap()
+        .split_inclusive("\n\n")
+        .map(str::as_bytes)
         .collect()
 }
 
@@ -101,7 +98,7 @@ fn chat_body() -> Vec<u8> {
         "temperature": 0.2,
         "messages": [
             {"role": "system", "content": "You are a concise assistant for an engineering team. Answer in short bullet points."},
-            {"role": "user", "content": turn.repeat(4)},
+            {"role": "user", "content": turn.repeat(8)},
             {"role": "assistant", "content": "- Release moved to Friday\n- Alice owns the migration\n- Bob reviews the rate limiter"},
             {"role": "user", "content": [{"type": "text", "text": turn.repeat(3)}]},
         ],

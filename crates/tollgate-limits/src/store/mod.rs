@@ -9,7 +9,24 @@
 //!   window the request was admitted in (`window_start`), even if that window has ended.
 //! - Reservations not settled by their deadline are released by `sweep` (and lazily by
 //!   admissions), so they never leak.
-//! - Ended windows are kept for a settlement grace, then reclaimed by `sweep`.
+//! - Ended windows are kept for a settlement grace, then reclaimed by `sweep`. A
+//!   settlement for a window already reclaimed is dropped (the memory store counts it).
+//!
+//! Details every store keeps (the suite checks them):
+//! - `Need::Room` passes while `value + reserved < limit`; `Need::Fits` while
+//!   `value + reserved + commit + reserve <= limit`. The limit is not part of identity:
+//!   the limit of the latest admission applies to the spend already there.
+//! - The same counter named twice in one request is checked with the first op's charge
+//!   already counted.
+//! - Buckets and concurrency counters have no window: `window_start` is 0. A bucket's
+//!   `value` is what is missing from a full bucket; settling charges tokens (it may go
+//!   into debt). A concurrency counter spends nothing: `commit` is held like `reserve`,
+//!   and `actual` is ignored on settlement.
+//! - Reservations of 0, or with a deadline not after `now`, are not held. The gauge counts
+//!   holds per counter: a request reserving on three counters counts three.
+//! - `retry_after_ms` is at least 1; for a fixed window it is the window's end, for a
+//!   bucket the refill time, for a concurrency counter (or a bucket whose reservations
+//!   hold the room) the soonest reservation deadline — an upper bound.
 
 pub mod memory;
 #[cfg(any(test, feature = "test-suite"))]
@@ -44,7 +61,8 @@ pub struct CounterSnapshot {
     pub value: u64,
     /// Held by outstanding reservations.
     pub reserved: u64,
-    /// Start of the window this request is admitted in (0 for concurrency counters).
+    /// Start of the window this request is admitted in (0 for buckets and concurrency
+    /// counters).
     pub window_start: Millis,
     /// When the counter next frees: window end; for buckets, when it is full again;
     /// for concurrency counters, `now`.

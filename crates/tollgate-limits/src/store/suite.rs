@@ -52,6 +52,9 @@ type Outcome = Result<(), StoreError>;
 /// `$make` is a closure returning a future of the store (a fresh one per test, or a
 /// shared one; tests never assume an empty store). `prefix = expr` prepends a
 /// run-specific prefix for stores that outlive the process.
+///
+/// The calling crate needs `tokio` (features `macros`, `rt-multi-thread`) as a
+/// dev-dependency, and this crate with the `test-suite` feature.
 #[macro_export]
 macro_rules! store_suite {
     ($name:ident, $make:expr) => {
@@ -203,6 +206,18 @@ async fn admit(
     store.admit(now, ops, reservation, deadline).await
 }
 
+async fn admit_one(
+    store: &dyn Store,
+    now: Millis,
+    op: &CounterOp,
+    reservation: ReservationId,
+    deadline: Millis,
+) -> Result<Admission, StoreError> {
+    store
+        .admit(now, std::slice::from_ref(op), reservation, deadline)
+        .await
+}
+
 #[track_caller]
 fn admitted(a: Admission) -> Vec<CounterSnapshot> {
     match a {
@@ -249,7 +264,7 @@ async fn take(
 ) -> Result<Settlement, StoreError> {
     let reservation = rid();
     let snap = single(admitted(
-        admit(store, now, &[op.clone()], reservation, deadline).await?,
+        admit_one(store, now, op, reservation, deadline).await?,
     ));
     Ok(Settlement {
         op: op.clone(),
@@ -343,7 +358,7 @@ pub async fn room_admits_while_anything_is_left(store: Arc<dyn Store>, prefix: &
     // 9 of 10: one left, so the call that will cross the limit is admitted.
     let s = take(store, t0 + 3_000, &op, FAR).await?;
     settle(store, t0 + 4_000, &s, 5).await?;
-    let r = refused(admit(store, t0 + 5_000, &[op.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, t0 + 5_000, &op, rid(), FAR).await?);
     assert_eq!(r.blocking, vec![0]);
     assert_eq!(single(r.snapshots).value, 14);
     assert_eq!(r.retry_after_ms, Some(MINUTE - 5_000));
@@ -432,14 +447,16 @@ pub async fn settlement_lands_in_admission_window_after_rollover(
     let op = fixed(&id(prefix, "tokens"), 1_000, Need::Fits, 0, 100);
     let s = take(store, t0 + 10_000, &op, FAR).await?;
     assert_eq!(s.window_start, t0);
-    // The call ends a full window later, in W2.
+    // The call ends a full window later, in W2, where another call is already running.
     let later = t0 + 10_000 + MINUTE;
+    let other = take(store, later - 1, &op, FAR).await?;
+    assert_eq!(other.window_start, t0 + MINUTE);
     settle(store, later, &s, 300).await?;
 
     let w2 = probe(store, later, &op).await?;
     assert_eq!(
         (w2.window_start, w2.value, w2.reserved),
-        (t0 + MINUTE, 0, 0)
+        (t0 + MINUTE, 0, 100)
     );
     let views = store
         .inspect(
@@ -463,7 +480,7 @@ pub async fn overage_stays_in_its_window(store: Arc<dyn Store>, prefix: &str) ->
     let op = fixed(&id(prefix, "tokens"), 100, Need::Room, 0, 0);
     let s = take(store, t0 + 1_000, &op, FAR).await?;
     settle(store, t0 + 1_500, &s, 250).await?;
-    let r = refused(admit(store, t0 + 2_000, &[op.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, t0 + 2_000, &op, rid(), FAR).await?);
     assert_eq!(single(r.snapshots).value, 250);
     assert_eq!(r.retry_after_ms, Some(MINUTE - 2_000));
     // The next window starts clean: no debt carried over.
@@ -522,7 +539,7 @@ pub async fn expired_reservation_releases_capacity(store: Arc<dyn Store>, prefix
     let op = fixed(&id(prefix, "tokens"), 100, Need::Fits, 0, 60);
     take(store, t0 + 1_000, &op, t0 + 5_000).await?;
     assert_eq!(store.outstanding_reservations(), before + 1);
-    refused(admit(store, t0 + 4_999, &[op.clone()], rid(), FAR).await?);
+    refused(admit_one(store, t0 + 4_999, &op, rid(), FAR).await?);
     // At the deadline the first hold is gone; the admission itself releases it.
     take(store, t0 + 5_000, &op, t0 + 15_000).await?;
     assert_eq!(store.outstanding_reservations(), before + 1);
@@ -592,10 +609,10 @@ pub async fn retry_after_fixed_window(store: Arc<dyn Store>, prefix: &str) -> Ou
     for _ in 0..5 {
         take(store, t0 + 15_000, &op, FAR).await?;
     }
-    let r = refused(admit(store, t0 + 15_000, &[op.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, t0 + 15_000, &op, rid(), FAR).await?);
     assert_eq!(r.retry_after_ms, Some(45_000));
     // One millisecond before the boundary: still at least 1 ms, never 0.
-    let r = refused(admit(store, t0 + MINUTE - 1, &[op.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, t0 + MINUTE - 1, &op, rid(), FAR).await?);
     assert_eq!(r.retry_after_ms, Some(1));
     take(store, t0 + MINUTE, &op, FAR).await?;
     Ok(())
@@ -667,17 +684,17 @@ pub async fn bucket_burst_then_refill(store: Arc<dyn Store>, prefix: &str) -> Ou
     let t0 = epoch();
     let op = bucket(&id(prefix, "bucket"), 10, MINUTE, 5, 1, 0);
     for i in 0..15 {
-        let snap = single(admitted(admit(store, t0, &[op.clone()], rid(), FAR).await?));
+        let snap = single(admitted(admit_one(store, t0, &op, rid(), FAR).await?));
         assert_eq!((snap.limit, snap.value, snap.window_start), (15, i, 0));
     }
-    let r = refused(admit(store, t0, &[op.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, t0, &op, rid(), FAR).await?);
     let snap = single(r.snapshots);
     assert_eq!((snap.value, snap.reset_at), (15, t0 + 15 * 6_000));
     assert_eq!(r.retry_after_ms, Some(6_000));
-    let r = refused(admit(store, t0 + 5_999, &[op.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, t0 + 5_999, &op, rid(), FAR).await?);
     assert_eq!(r.retry_after_ms, Some(1));
     take(store, t0 + 6_000, &op, FAR).await?;
-    let r = refused(admit(store, t0 + 6_000, &[op.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, t0 + 6_000, &op, rid(), FAR).await?);
     assert_eq!(r.retry_after_ms, Some(6_000));
     // Refilled completely after 90 s idle, and never beyond the capacity.
     let full = probe(store, t0 + 6_000 + 10 * HOUR, &op).await?;
@@ -696,17 +713,17 @@ pub async fn bucket_refill_is_exact(store: Arc<dyn Store>, prefix: &str) -> Outc
         for _ in 0..3 {
             take(store, t, &op, FAR).await?;
         }
-        let r = refused(admit(store, t, &[op.clone()], rid(), FAR).await?);
+        let r = refused(admit_one(store, t, &op, rid(), FAR).await?);
         assert_eq!(r.retry_after_ms, Some(334), "second {second}");
     }
     let t = t0 + 99_000;
     // 333 ms refill 0.999 of a token; 334 ms refill 1.002.
-    refused(admit(store, t + 333, &[op.clone()], rid(), FAR).await?);
+    refused(admit_one(store, t + 333, &op, rid(), FAR).await?);
     take(store, t + 334, &op, FAR).await?;
-    refused(admit(store, t + 666, &[op.clone()], rid(), FAR).await?);
+    refused(admit_one(store, t + 666, &op, rid(), FAR).await?);
     take(store, t + 667, &op, FAR).await?;
     take(store, t + 1_000, &op, FAR).await?;
-    refused(admit(store, t + 1_000, &[op.clone()], rid(), FAR).await?);
+    refused(admit_one(store, t + 1_000, &op, rid(), FAR).await?);
     Ok(())
 }
 
@@ -742,7 +759,7 @@ pub async fn concurrency_counter(store: Arc<dyn Store>, prefix: &str) -> Outcome
     let first = take(store, t0, &op, t0 + 30_000).await?;
     let second = take(store, t0 + 1, &op, t0 + 20_000).await?;
     assert_eq!(second.window_start, 0);
-    let r = refused(admit(store, t0 + 1_000, &[op.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, t0 + 1_000, &op, rid(), FAR).await?);
     let snap = single(r.snapshots);
     assert_eq!(
         (
@@ -759,7 +776,7 @@ pub async fn concurrency_counter(store: Arc<dyn Store>, prefix: &str) -> Outcome
     // Spending is meaningless here: settling only frees the slot.
     settle(store, t0 + 2_000, &first, 1_000).await?;
     let third = take(store, t0 + 2_000, &op, t0 + 60_000).await?;
-    refused(admit(store, t0 + 2_000, &[op.clone()], rid(), FAR).await?);
+    refused(admit_one(store, t0 + 2_000, &op, rid(), FAR).await?);
     // The second call never ends: its slot comes back at its deadline.
     take(store, t0 + 20_000, &op, FAR).await?;
     settle(store, t0 + 21_000, &third, 0).await?;
@@ -785,12 +802,8 @@ pub async fn staggered_windows_roll_at_their_own_offsets(
     let op_a = with_window(fixed(&a, 1, Need::Fits, 1, 0), wa);
     let op_b = with_window(fixed(&b, 1, Need::Fits, 1, 0), wb);
     let t = t0 + 5 * MINUTE;
-    let sa = single(admitted(
-        admit(store, t, &[op_a.clone()], rid(), FAR).await?,
-    ));
-    let sb = single(admitted(
-        admit(store, t, &[op_b.clone()], rid(), FAR).await?,
-    ));
+    let sa = single(admitted(admit_one(store, t, &op_a, rid(), FAR).await?));
+    let sb = single(admitted(admit_one(store, t, &op_b, rid(), FAR).await?));
     assert_eq!((sa.window_start, sa.reset_at), (wa.start(t), wa.end(t)));
     assert_eq!((sb.window_start, sb.reset_at), (wb.start(t), wb.end(t)));
     assert_eq!(sa.window_start % MINUTE, wa.offset_ms);
@@ -800,11 +813,11 @@ pub async fn staggered_windows_roll_at_their_own_offsets(
     } else {
         (&op_b, &op_a, wb.end(t), wa.end(t))
     };
-    let r = refused(admit(store, first_end - 1, &[first.clone()], rid(), FAR).await?);
+    let r = refused(admit_one(store, first_end - 1, first, rid(), FAR).await?);
     assert_eq!(r.retry_after_ms, Some(1));
     take(store, first_end, first, FAR).await?;
     if later_end > first_end {
-        let r = refused(admit(store, first_end, &[later.clone()], rid(), FAR).await?);
+        let r = refused(admit_one(store, first_end, later, rid(), FAR).await?);
         assert_eq!(r.retry_after_ms, Some(later_end - first_end));
     }
     take(store, later_end, later, FAR).await?;
