@@ -77,3 +77,18 @@ def test_stream_with_usage_keeps_usage(quickstart):
     usage = [ch.usage for ch in chunks if getattr(ch, "usage", None) is not None]
     assert len(usage) == 1
     assert usage[0].completion_tokens == 5
+
+
+def test_other_openai_apis(quickstart):
+    c = client(quickstart, "iamagolduser")
+    r = c.completions.create(model=MODEL, prompt="one two three", max_tokens=4)
+    assert r.usage.completion_tokens == 4
+    e = c.embeddings.create(model=MODEL, input=["a b", "c"])
+    assert e.usage.prompt_tokens > 0
+    resp = c.responses.create(model=MODEL, input="hello there", max_output_tokens=6)
+    assert resp.usage.output_tokens == 6
+    with c.responses.stream(model=MODEL, input="hi", max_output_tokens=3) as s:
+        for _ in s:
+            pass
+        final = s.get_final_response()
+    assert final.usage.output_tokens == 3

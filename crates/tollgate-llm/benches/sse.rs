@@ -98,7 +98,7 @@ fn chat_body() -> Vec<u8> {
         "temperature": 0.2,
         "messages": [
             {"role": "system", "content": "You are a concise assistant for an engineering team. Answer in short bullet points."},
-            {"role": "user", "content": turn.repeat(8)},
+            {"role": "user", "content": turn.repeat(10)},
             {"role": "assistant", "content": "- Release moved to Friday\n- Alice owns the migration\n- Bob reviews the rate limiter"},
             {"role": "user", "content": [{"type": "text", "text": turn.repeat(3)}]},
         ],

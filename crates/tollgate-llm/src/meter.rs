@@ -417,7 +417,7 @@ impl StreamMeter {
             Some(start) if self.released_event.is_none() => start.max(self.held_from),
             _ => end,
         };
-        if end - cut > self.max_event_bytes as u64 {
+        if end.saturating_sub(cut) > self.max_event_bytes as u64 {
             // Too big to be anything we would drop; stop holding it.
             self.released_event = pending;
             cut = end;

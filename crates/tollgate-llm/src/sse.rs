@@ -212,6 +212,14 @@ impl SseScanner {
         self.pos += chunk.len() as u64;
     }
 
+    /// [`SseScanner::feed`] collecting owned events, for callers that do not mind one
+    /// allocation per event (tests, simulators).
+    pub fn feed_owned(&mut self, chunk: &[u8]) -> Vec<OwnedSseEvent> {
+        let mut events = Vec::new();
+        self.feed(chunk, |e| events.push(e.to_owned_event()));
+        events
+    }
+
     /// Ends the stream: resolves a trailing `\r`, then reports an event the stream cut
     /// off before its blank line (`unterminated = true`), if it had data. Browsers drop
     /// such an event; a meter wants its usage.
@@ -385,6 +393,15 @@ mod tests {
         assert_eq!(events[1].event, None);
         assert_eq!(events[1].data, b"y\n z");
         assert_eq!(events[1].range, 24..input.len() as u64);
+    }
+
+    #[test]
+    fn feed_owned_matches_callback() {
+        let mut scanner = SseScanner::default();
+        let events = scanner.feed_owned(b"event: e\ndata: 1\n\ndata: 2\n");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event.as_deref(), Some(&b"e"[..]));
+        assert_eq!(scanner.feed_owned(b"\n")[0].data, b"2");
     }
 
     #[test]
