@@ -16,7 +16,8 @@ pub struct CounterId(Arc<str>);
 impl CounterId {
     /// `window_ms` is 0 for counters without a window (concurrency).
     pub fn new<S: AsRef<str>>(policy: &str, limit: &str, window_ms: u64, values: &[S]) -> Self {
-        let mut s = String::with_capacity(32 + values.iter().map(|v| v.as_ref().len()).sum::<usize>());
+        let mut s =
+            String::with_capacity(32 + values.iter().map(|v| v.as_ref().len()).sum::<usize>());
         escape_into(&mut s, policy);
         s.push('/');
         escape_into(&mut s, limit);

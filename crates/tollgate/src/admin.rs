@@ -94,7 +94,12 @@ async fn clock_set(State(s): State<AdminState>, body: axum::body::Bytes) -> Resp
     };
     let change: ClockChange = match serde_json::from_slice(&body) {
         Ok(c) => c,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("expected {{\"set_ms\": N}} or {{\"advance_ms\": N}}: {e}")),
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"set_ms\": N}} or {{\"advance_ms\": N}}: {e}"),
+            )
+        }
     };
     if let Some(ms) = change.set_ms {
         clock.set(ms);

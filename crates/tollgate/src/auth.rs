@@ -122,7 +122,7 @@ pub fn extract<'a>(headers: &'a HeaderMap, keys: &ApiKeys) -> Credential<'a> {
             return Credential::Malformed;
         };
         let s = s.trim();
-        let Some((scheme, rest)) = s.split_once(|c: char| c == ' ' || c == '\t') else {
+        let Some((scheme, rest)) = s.split_once([' ', '\t']) else {
             return Credential::Malformed;
         };
         let key = rest.trim();
@@ -147,10 +147,7 @@ pub enum AuthOutcome {
 }
 
 /// Resolve the caller from the request headers.
-pub fn authenticate(
-    headers: &HeaderMap,
-    keys: &ApiKeys,
-) -> Result<Option<Identity>, AuthOutcome> {
+pub fn authenticate(headers: &HeaderMap, keys: &ApiKeys) -> Result<Option<Identity>, AuthOutcome> {
     match extract(headers, keys) {
         Credential::None => Ok(None),
         Credential::Malformed => Err(AuthOutcome::Invalid),
@@ -168,7 +165,10 @@ mod tests {
 
     fn table() -> ApiKeys {
         let mut t = ApiKeys::new(&["APIKEY".into(), "Bearer".into()]);
-        t.insert(digest("iamafreeuser"), &serde_json::json!({"userid": "user-1", "groups": "free"}));
+        t.insert(
+            digest("iamafreeuser"),
+            &serde_json::json!({"userid": "user-1", "groups": "free"}),
+        );
         t
     }
 
@@ -183,18 +183,33 @@ mod tests {
     #[test]
     fn accepts_prefixes_in_any_case() {
         let t = table();
-        for v in ["APIKEY iamafreeuser", "apikey iamafreeuser", "Bearer  iamafreeuser", "bEaReR iamafreeuser"] {
-            let id = authenticate(&hdrs(&[("authorization", v)]), &t).unwrap().unwrap();
+        for v in [
+            "APIKEY iamafreeuser",
+            "apikey iamafreeuser",
+            "Bearer  iamafreeuser",
+            "bEaReR iamafreeuser",
+        ] {
+            let id = authenticate(&hdrs(&[("authorization", v)]), &t)
+                .unwrap()
+                .unwrap();
             assert_eq!(&*id.label, "user-1", "{v}");
         }
-        let id = authenticate(&hdrs(&[("x-api-key", "iamafreeuser")]), &t).unwrap().unwrap();
+        let id = authenticate(&hdrs(&[("x-api-key", "iamafreeuser")]), &t)
+            .unwrap()
+            .unwrap();
         assert_eq!(id.method, "api_key");
     }
 
     #[test]
     fn refuses_unknown_and_malformed() {
         let t = table();
-        for v in ["Basic iamafreeuser", "iamafreeuser", "Bearer", "Bearer nope", "APIKEY iamafreeuserx"] {
+        for v in [
+            "Basic iamafreeuser",
+            "iamafreeuser",
+            "Bearer",
+            "Bearer nope",
+            "APIKEY iamafreeuserx",
+        ] {
             assert_eq!(
                 authenticate(&hdrs(&[("authorization", v)]), &t).unwrap_err(),
                 AuthOutcome::Invalid,
@@ -207,7 +222,10 @@ mod tests {
     #[test]
     fn authorization_wins_over_x_api_key() {
         let t = table();
-        let h = hdrs(&[("authorization", "Bearer wrong"), ("x-api-key", "iamafreeuser")]);
+        let h = hdrs(&[
+            ("authorization", "Bearer wrong"),
+            ("x-api-key", "iamafreeuser"),
+        ]);
         assert_eq!(authenticate(&h, &t).unwrap_err(), AuthOutcome::Invalid);
     }
 }

@@ -96,7 +96,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run_async<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -132,7 +135,10 @@ fn validate(path: &std::path::Path) -> ExitCode {
         }
         Err(problems) => {
             print_problems(path, &problems);
-            let n = problems.iter().filter(|p| p.severity == Severity::Error).count();
+            let n = problems
+                .iter()
+                .filter(|p| p.severity == Severity::Error)
+                .count();
             eprintln!("{}: {n} error(s)", path.display());
             ExitCode::FAILURE
         }
@@ -167,7 +173,10 @@ async fn serve(
             anyhow::bail!("{}: invalid configuration", path.display());
         }
     };
-    init_logging(runtime.config.logging.format, runtime.config.logging.level.as_deref());
+    init_logging(
+        runtime.config.logging.format,
+        runtime.config.logging.level.as_deref(),
+    );
     for w in &warnings {
         tracing::warn!("{}: {w}", path.display());
     }
@@ -178,7 +187,9 @@ async fn serve(
             let start_ms = if start == "now" {
                 SystemClock.now_ms()
             } else {
-                start.parse().map_err(|_| anyhow::anyhow!("--test-clock takes epoch milliseconds"))?
+                start
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--test-clock takes epoch milliseconds"))?
             };
             for _ in 0..3 {
                 tracing::warn!("TEST CLOCK ENABLED: time only moves through POST /admin/test-clock. Never use this in production.");

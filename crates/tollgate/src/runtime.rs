@@ -10,14 +10,13 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use tollgate_limits::cel::Expr;
 use tollgate_limits::policy::{
-    Accounting, Anchor, CompiledLimit, CompiledPolicy, Mode, OnError, PolicyKind, RateSpec,
-    Target,
+    Accounting, Anchor, CompiledLimit, CompiledPolicy, Mode, OnError, PolicyKind, RateSpec, Target,
 };
 
 use crate::auth::{digest, ApiKeys};
 use crate::config::{
-    AccountingConfig, AnchorConfig, ApiKeyHeader, BackendConfig, Config, ModeConfig,
-    OnErrorConfig, PolicyKindConfig, PositionIndex, Problem, RouteAuth, TargetConfig,
+    AccountingConfig, AnchorConfig, ApiKeyHeader, BackendConfig, Config, ModeConfig, OnErrorConfig,
+    PolicyKindConfig, PositionIndex, Problem, RouteAuth, TargetConfig,
 };
 
 pub struct Backend {
@@ -78,8 +77,7 @@ impl Route {
             PathMatch::Exact(p) => p == path,
             PathMatch::Prefix(p) => {
                 path == p
-                    || (path.starts_with(p.as_str())
-                        && path.as_bytes().get(p.len()) == Some(&b'/'))
+                    || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'/'))
             }
         };
         if !path_ok {
@@ -160,7 +158,10 @@ impl Runtime {
         for (i, bc) in cfg.backends.iter().enumerate() {
             let path = format!("backends[{i}]");
             if !names.insert(bc.name.clone()) {
-                b.err(format!("{path}.name"), format!("duplicate backend name `{}`", bc.name));
+                b.err(
+                    format!("{path}.name"),
+                    format!("duplicate backend name `{}`", bc.name),
+                );
             }
             if let Some(be) = b.backend(&path, bc) {
                 backends.push(be);
@@ -172,20 +173,30 @@ impl Runtime {
         for (i, rc) in cfg.routes.iter().enumerate() {
             let path = format!("routes[{i}]");
             if !route_names.insert(rc.name.clone()) {
-                b.err(format!("{path}.name"), format!("duplicate route name `{}`", rc.name));
+                b.err(
+                    format!("{path}.name"),
+                    format!("duplicate route name `{}`", rc.name),
+                );
             }
             let backend = cfg.backends.iter().position(|x| x.name == rc.backend);
             if backend.is_none() {
                 let known: Vec<_> = cfg.backends.iter().map(|x| x.name.as_str()).collect();
                 b.err(
                     format!("{path}.backend"),
-                    format!("no backend named `{}` (known: {})", rc.backend, known.join(", ")),
+                    format!(
+                        "no backend named `{}` (known: {})",
+                        rc.backend,
+                        known.join(", ")
+                    ),
                 );
             }
             let m = &rc.matcher;
             let pm = match (&m.path_prefix, &m.path) {
                 (Some(_), Some(_)) => {
-                    b.err(format!("{path}.match"), "give either `path_prefix` or `path`, not both");
+                    b.err(
+                        format!("{path}.match"),
+                        "give either `path_prefix` or `path`, not both",
+                    );
                     PathMatch::Any
                 }
                 (Some(p), None) => {
@@ -210,11 +221,16 @@ impl Runtime {
             let methods = m.methods.as_ref().map(|ms| {
                 ms.iter()
                     .enumerate()
-                    .filter_map(|(j, s)| match Method::from_bytes(s.to_ascii_uppercase().as_bytes()) {
-                        Ok(m) => Some(m),
-                        Err(_) => {
-                            b.err(format!("{path}.match.methods[{j}]"), format!("`{s}` is not an HTTP method"));
-                            None
+                    .filter_map(|(j, s)| {
+                        match Method::from_bytes(s.to_ascii_uppercase().as_bytes()) {
+                            Ok(m) => Some(m),
+                            Err(_) => {
+                                b.err(
+                                    format!("{path}.match.methods[{j}]"),
+                                    format!("`{s}` is not an HTTP method"),
+                                );
+                                None
+                            }
                         }
                     })
                     .collect()
@@ -270,12 +286,20 @@ impl Runtime {
             if let Some(k) = &a.api_keys {
                 for (i, kc) in k.keys.iter().enumerate() {
                     let path = format!("auth.api_keys.keys[{i}]");
-                    let given = [kc.key.is_some(), kc.key_env.is_some(), kc.key_file.is_some(), kc.sha256.is_some()]
-                        .iter()
-                        .filter(|x| **x)
-                        .count();
+                    let given = [
+                        kc.key.is_some(),
+                        kc.key_env.is_some(),
+                        kc.key_file.is_some(),
+                        kc.sha256.is_some(),
+                    ]
+                    .iter()
+                    .filter(|x| **x)
+                    .count();
                     if given != 1 {
-                        b.err(&path, "give exactly one of `key`, `key_env`, `key_file`, `sha256`");
+                        b.err(
+                            &path,
+                            "give exactly one of `key`, `key_env`, `key_file`, `sha256`",
+                        );
                         continue;
                     }
                     let d = if let Some(k) = &kc.key {
@@ -284,7 +308,10 @@ impl Runtime {
                         match std::env::var(var) {
                             Ok(v) if !v.is_empty() => Some(digest(&v)),
                             _ => {
-                                b.err(format!("{path}.key_env"), format!("environment variable `{var}` is not set"));
+                                b.err(
+                                    format!("{path}.key_env"),
+                                    format!("environment variable `{var}` is not set"),
+                                );
                                 None
                             }
                         }
@@ -292,7 +319,10 @@ impl Runtime {
                         match std::fs::read_to_string(f) {
                             Ok(v) => Some(digest(v.trim_end_matches(['\n', '\r']))),
                             Err(e) => {
-                                b.err(format!("{path}.key_file"), format!("cannot read `{f}`: {e}"));
+                                b.err(
+                                    format!("{path}.key_file"),
+                                    format!("cannot read `{f}`: {e}"),
+                                );
                                 None
                             }
                         }
@@ -304,7 +334,10 @@ impl Runtime {
                                 Some(d)
                             }
                             _ => {
-                                b.err(format!("{path}.sha256"), "expected 64 hex characters (a SHA-256 digest)");
+                                b.err(
+                                    format!("{path}.sha256"),
+                                    "expected 64 hex characters (a SHA-256 digest)",
+                                );
                                 None
                             }
                         }
@@ -335,12 +368,18 @@ impl Runtime {
         for (i, pc) in cfg.policies.iter().enumerate() {
             let path = format!("policies[{i}]");
             if !policy_names.insert(pc.name.clone()) {
-                b.err(format!("{path}.name"), format!("duplicate policy name `{}`", pc.name));
+                b.err(
+                    format!("{path}.name"),
+                    format!("duplicate policy name `{}`", pc.name),
+                );
             }
             let target = match &pc.target {
                 TargetConfig::Named(n) if n == "gateway" => Target::Gateway,
                 TargetConfig::Named(n) => {
-                    b.err(format!("{path}.target"), format!("expected `gateway` or {{ route: NAME }}, got `{n}`"));
+                    b.err(
+                        format!("{path}.target"),
+                        format!("expected `gateway` or {{ route: NAME }}, got `{n}`"),
+                    );
                     Target::Gateway
                 }
                 TargetConfig::Route { route } => Target::Routes(vec![route.clone()]),
@@ -362,10 +401,16 @@ impl Runtime {
                 .as_ref()
                 .and_then(|src| b.cel(&format!("{path}.cost"), src, &identity_fields));
             if pc.cost.is_some() && kind == PolicyKind::Requests {
-                b.err(format!("{path}.cost"), "`cost` applies to TokenRateLimitPolicy only");
+                b.err(
+                    format!("{path}.cost"),
+                    "`cost` applies to TokenRateLimitPolicy only",
+                );
             }
             if pc.accounting == AccountingConfig::Reserve && kind == PolicyKind::Requests {
-                b.err(format!("{path}.accounting"), "`accounting` applies to TokenRateLimitPolicy only");
+                b.err(
+                    format!("{path}.accounting"),
+                    "`accounting` applies to TokenRateLimitPolicy only",
+                );
             }
             if pc.limits.is_empty() {
                 b.warn(format!("{path}.limits"), "policy has no limits");
@@ -374,7 +419,10 @@ impl Runtime {
             for (lname, lc) in &pc.limits {
                 let lpath = format!("{path}.limits.{lname}");
                 if lc.rates.is_empty() && lc.max_in_flight.is_none() {
-                    b.err(format!("{lpath}.rates"), "a limit needs at least one rate (or max_in_flight)");
+                    b.err(
+                        format!("{lpath}.rates"),
+                        "a limit needs at least one rate (or max_in_flight)",
+                    );
                 }
                 let mut rates = Vec::new();
                 let mut seen_windows = HashSet::new();
@@ -388,7 +436,10 @@ impl Runtime {
                         b.err(format!("{rpath}.window"), "two rates of one limit share a window length; they would share one counter");
                     }
                     if rc.burst.is_some() && kind == PolicyKind::Tokens {
-                        b.err(format!("{rpath}.burst"), "`burst` applies to request rates (RateLimitPolicy) only");
+                        b.err(
+                            format!("{rpath}.burst"),
+                            "`burst` applies to request rates (RateLimitPolicy) only",
+                        );
                     }
                     rates.push(RateSpec {
                         limit: rc.limit,
@@ -400,13 +451,17 @@ impl Runtime {
                     .when
                     .iter()
                     .enumerate()
-                    .filter_map(|(wi, src)| b.cel(&format!("{lpath}.when[{wi}]"), src, &identity_fields))
+                    .filter_map(|(wi, src)| {
+                        b.cel(&format!("{lpath}.when[{wi}]"), src, &identity_fields)
+                    })
                     .collect();
                 let counters = lc
                     .counters
                     .iter()
                     .enumerate()
-                    .filter_map(|(ci, src)| b.cel(&format!("{lpath}.counters[{ci}]"), src, &identity_fields))
+                    .filter_map(|(ci, src)| {
+                        b.cel(&format!("{lpath}.counters[{ci}]"), src, &identity_fields)
+                    })
                     .collect();
                 if lc.counters.is_empty() {
                     b.warn(
@@ -455,7 +510,10 @@ impl Runtime {
             max_request_body_bytes: s.max_request_body_bytes.unwrap_or(8 << 20),
             max_response_buffer_bytes: s.max_response_buffer_bytes.unwrap_or(16 << 20),
             upstream_connect_timeout: Duration::from_millis(ms(&s.upstream_connect_timeout, 5_000)),
-            upstream_response_timeout: Duration::from_millis(ms(&s.upstream_response_timeout, 300_000)),
+            upstream_response_timeout: Duration::from_millis(ms(
+                &s.upstream_response_timeout,
+                300_000,
+            )),
             reservation_deadline_ms: ms(&s.reservation_deadline, 900_000),
             settle_grace_ms: ms(&cfg.storage.settle_grace, 300_000),
             shutdown_grace: Duration::from_millis(ms(&s.shutdown_grace, 30_000)),
@@ -518,7 +576,10 @@ impl Builder {
                 for p in e.member_paths() {
                     let p = p.strip_prefix("request.").map(|_| p.as_str()).unwrap_or(&p);
                     let root = p.split('.').next().unwrap_or("");
-                    if !matches!(root, "request" | "source" | "auth" | "llm" | "usage" | "destination") {
+                    if !matches!(
+                        root,
+                        "request" | "source" | "auth" | "llm" | "usage" | "destination"
+                    ) {
                         continue;
                     }
                     if let Some(rest) = p.strip_prefix("auth.identity.") {
@@ -536,7 +597,10 @@ impl Builder {
             Err(e) => {
                 self.err(
                     path,
-                    format!("CEL does not compile at {}:{}: {} in `{src}`", e.line, e.column, e.message),
+                    format!(
+                        "CEL does not compile at {}:{}: {} in `{src}`",
+                        e.line, e.column, e.message
+                    ),
                 );
                 None
             }
@@ -557,8 +621,13 @@ impl Builder {
                         return None;
                     }
                 };
-                let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
-                    self.err(format!("{path}.url"), format!("`{url}` needs a scheme and host, like http://127.0.0.1:8000"));
+                let (Some(scheme), Some(authority)) =
+                    (uri.scheme().cloned(), uri.authority().cloned())
+                else {
+                    self.err(
+                        format!("{path}.url"),
+                        format!("`{url}` needs a scheme and host, like http://127.0.0.1:8000"),
+                    );
                     return None;
                 };
                 if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
@@ -602,7 +671,10 @@ impl Builder {
             (None, Some(f)) => match std::fs::read_to_string(f) {
                 Ok(v) => Some(v.trim_end_matches(['\n', '\r']).to_owned()),
                 Err(e) => {
-                    self.err(format!("{path}.api_key_file"), format!("cannot read `{f}`: {e}"));
+                    self.err(
+                        format!("{path}.api_key_file"),
+                        format!("cannot read `{f}`: {e}"),
+                    );
                     None
                 }
             },
@@ -612,7 +684,9 @@ impl Builder {
             None => None,
             Some(k) => {
                 let (name, value) = match bc.api_key_header.unwrap_or_default() {
-                    ApiKeyHeader::Authorization => (http::header::AUTHORIZATION, format!("Bearer {k}")),
+                    ApiKeyHeader::Authorization => {
+                        (http::header::AUTHORIZATION, format!("Bearer {k}"))
+                    }
                     ApiKeyHeader::XApiKey => (HeaderName::from_static("x-api-key"), k),
                     ApiKeyHeader::ApiKey => (HeaderName::from_static("api-key"), k),
                 };
@@ -622,7 +696,10 @@ impl Builder {
                         Some((name, v))
                     }
                     Err(_) => {
-                        self.err(format!("{path}.api_key_env"), "the API key contains characters not allowed in a header");
+                        self.err(
+                            format!("{path}.api_key_env"),
+                            "the API key contains characters not allowed in a header",
+                        );
                         None
                     }
                 }
@@ -630,9 +707,15 @@ impl Builder {
         };
         let mut headers = Vec::new();
         for (k, v) in &bc.headers {
-            match (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            match (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
                 (Ok(n), Ok(v)) => headers.push((n, v)),
-                _ => self.err(format!("{path}.headers.{k}"), "not a valid header name/value"),
+                _ => self.err(
+                    format!("{path}.headers.{k}"),
+                    "not a valid header name/value",
+                ),
             }
         }
         Some(Backend {

@@ -1,6 +1,8 @@
 //! Every wire format counted through the real server, streamed and not; faults charged
 //! as specified; reservations that hold under concurrency and never leak.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -42,9 +44,18 @@ fn body_for(api: SimApi, stream: bool) -> (&'static str, Value) {
             "/v1/chat/completions",
             json!({"model": "m", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 7}),
         ),
-        SimApi::Completions => ("/v1/completions", json!({"model": "m", "prompt": "one two three four", "max_tokens": 6})),
-        SimApi::Responses => ("/v1/responses", json!({"model": "m", "input": "one two", "max_output_tokens": 5})),
-        SimApi::Embeddings => ("/v1/embeddings", json!({"model": "m", "input": ["a b c", "d e"]})),
+        SimApi::Completions => (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "one two three four", "max_tokens": 6}),
+        ),
+        SimApi::Responses => (
+            "/v1/responses",
+            json!({"model": "m", "input": "one two", "max_output_tokens": 5}),
+        ),
+        SimApi::Embeddings => (
+            "/v1/embeddings",
+            json!({"model": "m", "input": ["a b c", "d e"]}),
+        ),
         SimApi::Messages => (
             "/v1/messages",
             json!({"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi there"}]}),
@@ -57,7 +68,9 @@ fn body_for(api: SimApi, stream: bool) -> (&'static str, Value) {
 }
 
 async fn counter(gw: &Gateway, user: &str) -> u64 {
-    gw.counter_value(&format!("tok/user/60000/{user}"), Some(T0)).await.unwrap_or(0)
+    gw.counter_value(&format!("tok/user/60000/{user}"), Some(T0))
+        .await
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -66,7 +79,13 @@ async fn every_api_streamed_and_not_is_charged_its_usage() {
     let gw = Gateway::start(&config(up.addr, "after", 1_000_000));
     let c = client();
     let mut expected_total = 0;
-    for api in [SimApi::ChatCompletions, SimApi::Completions, SimApi::Responses, SimApi::Embeddings, SimApi::Messages] {
+    for api in [
+        SimApi::ChatCompletions,
+        SimApi::Completions,
+        SimApi::Responses,
+        SimApi::Embeddings,
+        SimApi::Messages,
+    ] {
         for stream in [false, true] {
             if api == SimApi::Embeddings && stream {
                 continue;
@@ -82,14 +101,18 @@ async fn every_api_streamed_and_not_is_charged_its_usage() {
                 .unwrap();
             assert_eq!(r.status(), 200, "{path} stream={stream}");
             let text = r.text().await.unwrap();
-            if stream && api == SimApi::ChatCompletions || stream && api == SimApi::Completions {
+            if stream && matches!(api, SimApi::ChatCompletions | SimApi::Completions) {
                 // The client did not ask for usage: the gateway's own usage chunk is gone,
                 // everything else is there.
                 assert!(!text.contains("\"prompt_tokens\""), "{path}: {text}");
                 assert!(text.trim_end().ends_with("data: [DONE]"), "{path}: {text}");
             }
             expected_total += p + comp;
-            assert_eq!(counter(&gw, "u1").await, expected_total, "{path} stream={stream}");
+            assert_eq!(
+                counter(&gw, "u1").await,
+                expected_total,
+                "{path} stream={stream}"
+            );
         }
     }
     // Nothing was estimated: every call carried usage.
@@ -128,7 +151,13 @@ async fn faults_are_charged_as_specified() {
     assert_eq!(counter(&gw, "u2").await, charged);
     // Success without usage, stream cut, malformed body: estimates, never zero.
     let mut last = counter(&gw, "u2").await;
-    for (fault, stream) in [("no-usage", false), ("no-usage", true), ("cut-stream", true), ("cut-stream", false), ("malformed", false)] {
+    for (fault, stream) in [
+        ("no-usage", false),
+        ("no-usage", true),
+        ("cut-stream", true),
+        ("cut-stream", false),
+        ("malformed", false),
+    ] {
         let r = send(fault, stream).await.unwrap();
         let _ = r.bytes().await;
         let now = counter(&gw, "u2").await;
@@ -159,20 +188,31 @@ async fn client_disconnect_mid_stream_is_charged_and_releases() {
     let _ = r.chunk().await.unwrap();
     let _ = r.chunk().await.unwrap();
     // While streaming, the reservation is held.
-    let held: u64 = gw.counters("tok/").await.iter().map(|c| c["reserved"].as_u64().unwrap()).sum();
+    let held: u64 = gw
+        .counters("tok/")
+        .await
+        .iter()
+        .map(|c| c["reserved"].as_u64().unwrap())
+        .sum();
     assert!(held >= 200, "reservation not held: {held}");
     drop(r);
     // The gateway notices on its next write; wait (bounded) for the settlement.
     let mut settled = false;
     for _ in 0..100 {
         let cs = gw.counters("tok/").await;
-        if cs.iter().all(|c| c["reserved"] == 0) && cs.iter().any(|c| c["value"].as_u64().unwrap_or(0) > 0) {
+        if cs.iter().all(|c| c["reserved"] == 0)
+            && cs.iter().any(|c| c["value"].as_u64().unwrap_or(0) > 0)
+        {
             settled = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(settled, "client disconnect was not settled: {:?}", gw.counters("tok/").await);
+    assert!(
+        settled,
+        "client disconnect was not settled: {:?}",
+        gw.counters("tok/").await
+    );
     let v = counter(&gw, "u1").await;
     assert!(v < 200, "charged more than was streamed: {v}");
     assert!(gw.logs().contains("client_gone"));

@@ -2,6 +2,8 @@
 //! 429 shape and headers, window rollover on the test clock, settlement into the
 //! admission window, blocked requests never reaching the upstream, credentials, paths.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -47,7 +49,10 @@ async fn free_user_hits_budget_gold_carries_on_and_window_rolls_over() {
     // Admitted while below 50; the call that crossed it completed.
     assert!(spent >= 50, "refused at {spent} < 50");
     let per_call = spent / admitted;
-    assert!(spent - per_call < 50, "admitted a call after the budget was spent");
+    assert!(
+        spent - per_call < 50,
+        "admitted a call after the budget was spent"
+    );
 
     // 429: OpenAI-style body and headers.
     let h = refused.headers().clone();
@@ -64,7 +69,10 @@ async fn free_user_hits_budget_gold_carries_on_and_window_rolls_over() {
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     assert_eq!(body["error"]["type"], "tokens");
     assert!(body["error"]["param"].is_null());
-    assert!(body["error"]["message"].as_str().unwrap().contains("trlp/free"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("trlp/free"));
 
     // The counter holds exactly what was charged.
     let id = "trlp/free/60000/user-1";
@@ -96,7 +104,11 @@ async fn blocked_requests_never_reach_the_upstream() {
         let r = chat(&gw, "iamafreeuser", "/v1/chat/completions", 1).await;
         assert_eq!(r.status(), 429);
     }
-    assert_eq!(up.served(), served, "a refused request reached the upstream");
+    assert_eq!(
+        up.served(),
+        served,
+        "a refused request reached the upstream"
+    );
 }
 
 #[tokio::test]
@@ -162,11 +174,17 @@ async fn settled_in_the_window_it_was_admitted_in() {
     }
     assert!(text.contains("[DONE]"));
     // The client did not ask for usage: the usage-only chunk was removed.
-    assert!(!text.contains("\"total_tokens\""), "usage chunk leaked: {text}");
+    assert!(
+        !text.contains("\"total_tokens\""),
+        "usage chunk leaked: {text}"
+    );
 
     let id = "trlp/gold/60000/user-2";
     let old = gw.counter_value(id, Some(T0)).await.unwrap_or(0);
-    assert!(old > 8, "charge did not land in the admission window: {old}");
+    assert!(
+        old > 8,
+        "charge did not land in the admission window: {old}"
+    );
     let new = gw.counter_value(id, Some(T0 + 60_000)).await.unwrap_or(0);
     assert_eq!(new, 0, "charge leaked into the next window");
 }
@@ -253,7 +271,11 @@ async fn path_tricks_do_not_dodge_the_predicate() {
         let r = chat(&gw, "iamafreeuser", p, 1).await;
         assert_eq!(r.status(), 429, "{p} dodged the limit");
     }
-    for p in ["/v1/chat%2Fcompletions", "/v1%2fchat/completions", "/v1/chat%5Ccompletions"] {
+    for p in [
+        "/v1/chat%2Fcompletions",
+        "/v1%2fchat/completions",
+        "/v1/chat%5Ccompletions",
+    ] {
         let r = chat(&gw, "iamafreeuser", p, 1).await;
         assert_eq!(r.status(), 400, "{p}");
         let v: Value = r.json().await.unwrap();
@@ -273,12 +295,21 @@ async fn upstream_down_is_502_json_and_nothing_charged() {
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "api_error");
-    assert_eq!(gw.counter_value("trlp/free/60000/user-1", None).await.unwrap_or(0), 0);
+    assert_eq!(
+        gw.counter_value("trlp/free/60000/user-1", None)
+            .await
+            .unwrap_or(0),
+        0
+    );
 }
 
 #[tokio::test]
 async fn in_process_simulator_serves_the_quickstart() {
-    let cfg = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.yaml")).unwrap();
+    let cfg = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/quickstart.yaml"
+    ))
+    .unwrap();
     let gw = Gateway::start(&cfg);
     let r = client()
         .post(gw.url("/v1/chat/completions"))

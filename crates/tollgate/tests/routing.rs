@@ -1,6 +1,8 @@
 //! Routing on host (exact, wildcard, port ignored), path prefix on whole segments,
 //! method and model; auth modes; upstream timeouts; request policies on non-LLM calls.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -64,7 +66,10 @@ async fn host_path_method_model_and_auth_modes() {
     assert_eq!(r.headers()["x-ratelimit-limit-requests"], "3");
     assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "3");
     for _ in 0..2 {
-        assert_eq!(c.get(gw.url("/v1/models")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.get(gw.url("/v1/models")).send().await.unwrap().status(),
+            200
+        );
     }
     let r = c.get(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 429);
@@ -72,7 +77,11 @@ async fn host_path_method_model_and_auth_modes() {
     assert_eq!(v["error"]["type"], "requests");
 
     // Host routing, port ignored, wildcard; POST /v1/models is not the public route.
-    for host in ["trlp-tutorial.example.com:8080", "a.llm.example.com", "TRLP-TUTORIAL.example.com"] {
+    for host in [
+        "trlp-tutorial.example.com:8080",
+        "a.llm.example.com",
+        "TRLP-TUTORIAL.example.com",
+    ] {
         let r = c
             .post(gw.url("/v1/chat/completions"))
             .header("host", host)
@@ -146,7 +155,11 @@ async fn slow_upstream_is_504_json_and_bad_body_is_400() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "upstream_timeout");
 
-    for body in ["not json", r#"{"model":"a","model":"b","messages":[]}"#, "[1,2]"] {
+    for body in [
+        "not json",
+        r#"{"model":"a","model":"b","messages":[]}"#,
+        "[1,2]",
+    ] {
         let r = c
             .post(gw.url("/v1/chat/completions"))
             .header("host", "trlp-tutorial.example.com")

@@ -1,16 +1,23 @@
 //! `tollgate validate`: exit 0 on a good file; every problem (path, line, column, what
 //! was expected) and exit 1 on a bad one.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
 
 fn validate(src: &str) -> (i32, String) {
-    let dir = std::env::temp_dir().join(format!("tg-validate-{}-{}", std::process::id(), rand_id()));
+    let dir =
+        std::env::temp_dir().join(format!("tg-validate-{}-{}", std::process::id(), rand_id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("c.yaml");
     std::fs::write(&p, src).unwrap();
-    let out = Command::new(common::bin()).args(["validate", "-c"]).arg(&p).output().unwrap();
+    let out = Command::new(common::bin())
+        .args(["validate", "-c"])
+        .arg(&p)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let text = format!(
         "{}{}",
@@ -32,7 +39,9 @@ const GOOD_HEAD: &str = "backends:\n  - name: sim\n    simulator: {}\nroutes:\n 
 #[test]
 fn the_examples_are_valid() {
     for f in ["quickstart.yaml", "full.yaml"] {
-        let src = std::fs::read_to_string(format!("{}/../../examples/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let src =
+            std::fs::read_to_string(format!("{}/../../examples/{f}", env!("CARGO_MANIFEST_DIR")))
+                .unwrap();
         let (code, out) = validate(&src);
         assert_eq!(code, 0, "{f}: {out}");
         assert!(out.contains("ok"), "{out}");
@@ -41,7 +50,9 @@ fn the_examples_are_valid() {
 
 #[test]
 fn unknown_key_names_field_line_and_column() {
-    let (code, out) = validate(&format!("{GOOD_HEAD}policies:\n  - name: p\n    kind: TokenRateLimitPolicy\n    limitz: {{}}\n"));
+    let (code, out) = validate(&format!(
+        "{GOOD_HEAD}policies:\n  - name: p\n    kind: TokenRateLimitPolicy\n    limitz: {{}}\n"
+    ));
     assert_eq!(code, 1);
     assert!(out.contains("unknown field `limitz`"), "{out}");
     assert!(out.contains("policies[0]"), "{out}");
@@ -80,7 +91,10 @@ fn wrong_types_and_enum_values() {
     ));
     assert_eq!(code, 1);
     assert!(out.contains("policies[0].kind"), "{out}");
-    assert!(out.contains("TokenRateLimitPolicy"), "expected variants listed: {out}");
+    assert!(
+        out.contains("TokenRateLimitPolicy"),
+        "expected variants listed: {out}"
+    );
     assert!(out.contains("policies[1].limits.a.rates[0].limit"), "{out}");
     let errors = out.lines().filter(|l| l.contains("error:")).count();
     assert!(errors >= 2, "{out}");
@@ -93,7 +107,10 @@ fn secrets_and_addresses() {
     ));
     assert_eq!(code, 1);
     assert!(out.contains("`nowhere` is not an address"), "{out}");
-    assert!(out.contains("give exactly one of `key`, `key_env`, `key_file`, `sha256`"), "{out}");
+    assert!(
+        out.contains("give exactly one of `key`, `key_env`, `key_file`, `sha256`"),
+        "{out}"
+    );
     assert!(out.contains("64 hex characters"), "{out}");
 }
 

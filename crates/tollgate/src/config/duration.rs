@@ -75,7 +75,7 @@ pub fn format_reset(ms: u64) -> String {
     let h = ms / 3_600_000;
     let m = (ms % 3_600_000) / 60_000;
     let s_ms = ms % 60_000;
-    let secs = if s_ms % 1000 == 0 {
+    let secs = if s_ms.is_multiple_of(1000) {
         format!("{}s", s_ms / 1000)
     } else {
         let v = s_ms as f64 / 1000.0;

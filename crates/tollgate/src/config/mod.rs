@@ -472,10 +472,7 @@ pub fn parse(src: &str) -> Result<(Config, PositionIndex), Vec<Problem>> {
                     problems.push(Problem::error(join_path(&path, &sub), msg).located(&index));
                 }
             }
-        } else if matches!(
-            section,
-            "admin" | "storage" | "server" | "auth" | "logging"
-        ) {
+        } else if matches!(section, "admin" | "storage" | "server" | "auth" | "logging") {
             let r = match section {
                 "admin" => check::<AdminConfig>(value),
                 "storage" => check::<StorageConfig>(value),
@@ -542,7 +539,10 @@ mod tests {
         let src = "listen: 127.0.0.1:1\nroutes:\n  - name: a\n    backend: b\n    bakend: c\n";
         let errs = parse(src).unwrap_err();
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(errs[0].message.contains("unknown field `bakend`"), "{errs:?}");
+        assert!(
+            errs[0].message.contains("unknown field `bakend`"),
+            "{errs:?}"
+        );
         assert_eq!(errs[0].line, Some(5), "{errs:?}");
     }
 
@@ -557,7 +557,10 @@ mod tests {
     fn bad_duration_names_field() {
         let src = "policies:\n  - name: p\n    kind: RateLimitPolicy\n    limits:\n      a:\n        rates: [{limit: 1, window: 5x}]\n";
         let errs = parse(src).unwrap_err();
-        assert!(errs[0].path.starts_with("policies[0].limits.a.rates[0]"), "{errs:?}");
+        assert!(
+            errs[0].path.starts_with("policies[0].limits.a.rates[0]"),
+            "{errs:?}"
+        );
         assert!(errs[0].message.contains("unknown unit"), "{errs:?}");
         assert_eq!(errs[0].line, Some(6));
     }

@@ -73,9 +73,13 @@ impl GatewayError {
         }
     }
 
-    /// The one mapping from error to response.
-    pub fn into_response(self) -> Response<ProxyBody> {
-        let (status, etype, code): (StatusCode, &str, &str) = match &self {
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+
+    /// Status, OpenAI error `type` and `code`.
+    fn classify(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
             Self::BadRequest(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -100,12 +104,12 @@ impl GatewayError {
             Self::RateLimited { kind, .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, *kind, "rate_limit_exceeded")
             }
-            Self::UpstreamConnect(_) => (StatusCode::BAD_GATEWAY, "api_error", "upstream_unavailable"),
-            Self::UpstreamTimeout(_) => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "api_error",
-                "upstream_timeout",
-            ),
+            Self::UpstreamConnect(_) => {
+                (StatusCode::BAD_GATEWAY, "api_error", "upstream_unavailable")
+            }
+            Self::UpstreamTimeout(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout")
+            }
             Self::StoreUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",
@@ -116,7 +120,12 @@ impl GatewayError {
                 "api_error",
                 "internal_error",
             ),
-        };
+        }
+    }
+
+    /// The one mapping from error to response.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, etype, code) = self.classify();
         let body = serde_json::json!({
             "error": {
                 "message": self.to_string(),

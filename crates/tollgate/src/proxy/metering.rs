@@ -188,10 +188,18 @@ pub struct CallMeter {
 }
 
 impl CallMeter {
-    pub fn new(settle: Settle, api: Option<Api>, stream: bool, strip_usage: bool, buffer_cap: u64) -> Self {
+    pub fn new(
+        settle: Settle,
+        api: Option<Api>,
+        stream: bool,
+        strip_usage: bool,
+        buffer_cap: u64,
+    ) -> Self {
         let wire = match api {
             None => Wire::None,
-            Some(api) if stream => Wire::Stream(Box::new(tollgate_llm::StreamMeter::new(api, strip_usage))),
+            Some(api) if stream => {
+                Wire::Stream(Box::new(tollgate_llm::StreamMeter::new(api, strip_usage)))
+            }
             Some(api) => Wire::Body(Box::new(tollgate_llm::BodyMeter::new(
                 api,
                 usize::try_from(buffer_cap).unwrap_or(usize::MAX),
@@ -238,7 +246,15 @@ impl ChunkMeter for CallMeter {
                 }
                 Wire::Body(m) => {
                     let out = m.finish();
-                    (out.usage, true, out.output_estimate, Bytes::new())
+                    // A body we could not read (truncated, not JSON) says nothing about
+                    // its output: assume what the request allowed (max_tokens × n, or
+                    // the default), the same figure a reservation holds.
+                    let output = if (out.truncated || out.malformed) && out.output_estimate == 0 {
+                        self.settle.estimate.output_tokens
+                    } else {
+                        out.output_estimate
+                    };
+                    (out.usage, true, output, Bytes::new())
                 }
                 Wire::Stream(mut m) => {
                     let rest = if end == BodyEnd::Complete {
@@ -262,7 +278,9 @@ impl ChunkMeter for CallMeter {
                 }
             };
         match usage {
-            Some(u) => self.settle.charge(Some(figures(&u)), !complete_usage, end_label),
+            Some(u) => self
+                .settle
+                .charge(Some(figures(&u)), !complete_usage, end_label),
             None if status >= 400 => self.settle.charge(None, false, end_label),
             None => {
                 let input = self.settle.estimate.input_tokens;

@@ -68,7 +68,7 @@ impl Stats {
     pub fn limit_eval_error(&self, e: &LimitEvalError) {
         let n = self.limit_eval_errors.fetch_add(1, Ordering::Relaxed);
         // Logged, but rate-limited: the first, then every 1000th.
-        if n % 1000 == 0 {
+        if n.is_multiple_of(1000) {
             tracing::warn!(
                 policy = %e.policy, limit = %e.limit, expression = %e.expression,
                 error = %e.message, action = ?e.action, occurrences = n + 1,
@@ -80,8 +80,10 @@ impl Stats {
         self.settle_failures.fetch_add(1, Ordering::Relaxed);
     }
     pub fn tokens(&self, f: &TokenFigures, estimated: bool) {
-        self.input_tokens.fetch_add(f.input_tokens, Ordering::Relaxed);
-        self.output_tokens.fetch_add(f.output_tokens, Ordering::Relaxed);
+        self.input_tokens
+            .fetch_add(f.input_tokens, Ordering::Relaxed);
+        self.output_tokens
+            .fetch_add(f.output_tokens, Ordering::Relaxed);
         if estimated {
             self.estimated_calls.fetch_add(1, Ordering::Relaxed);
         }
@@ -124,7 +126,11 @@ impl Gateway {
     }
 
     pub fn next_request_id(&self) -> String {
-        format!("{:06x}-{:x}", self.instance & 0xff_ffff, self.seq.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{:06x}-{:x}",
+            self.instance & 0xff_ffff,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
     }
 }
 

@@ -73,7 +73,7 @@ where
                     route = %cx.as_ref().and_then(|c| c.route).and_then(|r| rt.routes.get(r)).map(|r| &*r.name).unwrap_or("-"),
                     identity = %cx.as_ref().map(|c| &*c.identity.label).unwrap_or("-"),
                     model = %cx.as_ref().and_then(|c| c.llm.as_ref()).and_then(|l| l.model.as_deref()).unwrap_or("-"),
-                    status = err.into_status_hint(),
+                    status = err.status().as_u16(),
                     decision = err.decision(),
                     reason = %err,
                     duration_us = started.elapsed().as_micros() as u64,
@@ -81,23 +81,6 @@ where
                 );
             }
             err.into_response()
-        }
-    }
-}
-
-impl GatewayError {
-    fn into_status_hint(&self) -> u16 {
-        match self {
-            Self::BadRequest(_) => 400,
-            Self::BodyTooLarge { .. } => 413,
-            Self::NoRoute { .. } => 404,
-            Self::Unauthenticated(_) => 401,
-            Self::Forbidden(_) => 403,
-            Self::RateLimited { .. } => 429,
-            Self::UpstreamConnect(_) => 502,
-            Self::UpstreamTimeout(_) => 504,
-            Self::StoreUnavailable(_) => 503,
-            Self::Internal(_) => 500,
         }
     }
 }
@@ -202,7 +185,10 @@ fn locate(
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [::1]:8080
-        return host.split_once(']').map(|(h, _)| &host[..h.len() + 1]).unwrap_or(host);
+        return host
+            .split_once(']')
+            .map(|(h, _)| &host[..h.len() + 1])
+            .unwrap_or(host);
     }
     host.rsplit_once(':')
         .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
@@ -249,9 +235,9 @@ fn authenticate(
         Ok(None) | Err(AuthOutcome::Missing) => Err(GatewayError::Unauthenticated(
             "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
         )),
-        Err(AuthOutcome::Invalid) => Err(GatewayError::Unauthenticated(
-            "Incorrect API key provided.",
-        )),
+        Err(AuthOutcome::Invalid) => {
+            Err(GatewayError::Unauthenticated("Incorrect API key provided."))
+        }
     }
 }
 
@@ -358,7 +344,7 @@ async fn admit(
 ) -> Result<Admitted, GatewayError> {
     let now = gw.clock.now_ms();
     let attrs = attributes(cx, headers, now);
-    let estimate = cx.llm.as_ref().map(|l| super::metering::estimate(l));
+    let estimate = cx.llm.as_ref().map(super::metering::estimate);
     let plan = plan(
         &rt.policies,
         &PlanRequest {
@@ -450,7 +436,11 @@ async fn admit(
     let shadow_ops: Vec<_> = shadow.iter().map(|&i| plan.ops[i].clone()).collect();
     let mut shadow_snapshots = Vec::new();
     if !shadow_ops.is_empty() {
-        match gw.store.admit(now, &shadow_ops, reservation, deadline).await {
+        match gw
+            .store
+            .admit(now, &shadow_ops, reservation, deadline)
+            .await
+        {
             Ok(Admission::Admitted { snapshots }) => shadow_snapshots = snapshots,
             Ok(Admission::Refused(r)) => {
                 gw.stats.shadow_refusal();
@@ -517,10 +507,16 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let Admitted { mut settle, headers: rl_headers } = admitted;
+    let Admitted {
+        mut settle,
+        headers: rl_headers,
+    } = admitted;
     let Some(backend) = rt.backends.get(route.backend) else {
         settle.release_now();
-        return Err((Some(cx), GatewayError::Internal("route has no backend".into())));
+        return Err((
+            Some(cx),
+            GatewayError::Internal("route has no backend".into()),
+        ));
     };
     let forward_credentials = backend.forward_client_credentials
         && (rt.api_keys.is_none() || route.auth == RouteAuth::None);
@@ -549,17 +545,30 @@ where
             let bytes = match out_body {
                 Some(b) => b,
                 None => match body {
-                    Some(b) => match Limited::new(b, usize::try_from(rt.limits.max_request_body_bytes).unwrap_or(usize::MAX)).collect().await {
+                    Some(b) => match Limited::new(
+                        b,
+                        usize::try_from(rt.limits.max_request_body_bytes).unwrap_or(usize::MAX),
+                    )
+                    .collect()
+                    .await
+                    {
                         Ok(c) => c.to_bytes(),
                         Err(_) => {
                             settle.release_now();
-                            return Err((Some(cx), GatewayError::BodyTooLarge { limit: rt.limits.max_request_body_bytes }));
+                            return Err((
+                                Some(cx),
+                                GatewayError::BodyTooLarge {
+                                    limit: rt.limits.max_request_body_bytes,
+                                },
+                            ));
                         }
                     },
                     None => Bytes::new(),
                 },
             };
-            let resp = sim.handle(&parts.method, &cx.path, &up_headers, bytes).await;
+            let resp = sim
+                .handle(&parts.method, &cx.path, &up_headers, bytes)
+                .await;
             let (p, b) = resp.into_parts();
             Ok((p, b.map_err(|never| match never {}).boxed_unsync()))
         }
@@ -573,7 +582,10 @@ where
                 Ok(u) => u,
                 Err(e) => {
                     settle.release_now();
-                    return Err((Some(cx), GatewayError::BadRequest(format!("cannot build upstream URI: {e}"))));
+                    return Err((
+                        Some(cx),
+                        GatewayError::BadRequest(format!("cannot build upstream URI: {e}")),
+                    ));
                 }
             };
             if let Some(h) = host_header(authority) {
@@ -601,11 +613,7 @@ where
             let timeout = rt.limits.upstream_response_timeout;
             match tokio::time::timeout(timeout, gw.client.send(req)).await {
                 Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_millis() as u64)),
-                Ok(Err(e)) => Err(if e.is_connect() {
-                    GatewayError::UpstreamConnect(describe_client_error(&e))
-                } else {
-                    GatewayError::UpstreamConnect(describe_client_error(&e))
-                }),
+                Ok(Err(e)) => Err(GatewayError::UpstreamConnect(describe_client_error(&e))),
                 Ok(Ok(resp)) => {
                     let (p, b) = resp.into_parts();
                     Ok((p, b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
@@ -679,4 +687,3 @@ mod tests {
         assert_eq!(strip_port("[::1]"), "[::1]");
     }
 }
-

@@ -34,9 +34,21 @@ pub fn compute(
     for (snap, suffix) in [(tokens, "tokens"), (requests, "requests")] {
         if let Some(s) = snap {
             let reset_ms = s.reset_at.saturating_sub(now_ms);
-            push(&mut out, &format!("x-ratelimit-limit-{suffix}"), s.limit.to_string());
-            push(&mut out, &format!("x-ratelimit-remaining-{suffix}"), s.remaining().to_string());
-            push(&mut out, &format!("x-ratelimit-reset-{suffix}"), format_reset(reset_ms));
+            push(
+                &mut out,
+                &format!("x-ratelimit-limit-{suffix}"),
+                s.limit.to_string(),
+            );
+            push(
+                &mut out,
+                &format!("x-ratelimit-remaining-{suffix}"),
+                s.remaining().to_string(),
+            );
+            push(
+                &mut out,
+                &format!("x-ratelimit-reset-{suffix}"),
+                format_reset(reset_ms),
+            );
         }
     }
     if let Some(s) = tokens.or(requests) {
@@ -49,7 +61,10 @@ pub fn compute(
 }
 
 fn push(out: &mut Vec<(HeaderName, HeaderValue)>, name: &str, value: String) {
-    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(&value),
+    ) {
         out.push((n, v));
     }
 }
@@ -70,10 +85,22 @@ mod tests {
 
     #[test]
     fn picks_least_remaining_per_kind() {
-        let snaps = [snap(100, 10, 60_000), snap(1000, 950, 3_600_000), snap(10, 3, 30_000)];
-        let kinds = [CounterKind::Tokens, CounterKind::Tokens, CounterKind::Requests];
+        let snaps = [
+            snap(100, 10, 60_000),
+            snap(1000, 950, 3_600_000),
+            snap(10, 3, 30_000),
+        ];
+        let kinds = [
+            CounterKind::Tokens,
+            CounterKind::Tokens,
+            CounterKind::Requests,
+        ];
         let h = compute(&snaps, &kinds, 0);
-        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.to_str().unwrap().to_owned());
+        let get = |n: &str| {
+            h.iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+        };
         assert_eq!(get("x-ratelimit-limit-tokens").as_deref(), Some("1000"));
         assert_eq!(get("x-ratelimit-remaining-tokens").as_deref(), Some("50"));
         assert_eq!(get("x-ratelimit-reset-tokens").as_deref(), Some("1h0m0s"));
@@ -86,7 +113,10 @@ mod tests {
     #[test]
     fn remaining_clamps_at_zero() {
         let h = compute(&[snap(50, 80, 1_500)], &[CounterKind::Tokens], 0);
-        let rem = h.iter().find(|(k, _)| k == "x-ratelimit-remaining").unwrap();
+        let rem = h
+            .iter()
+            .find(|(k, _)| k == "x-ratelimit-remaining")
+            .unwrap();
         assert_eq!(rem.1, "0");
         let reset = h.iter().find(|(k, _)| k == "x-ratelimit-reset").unwrap();
         assert_eq!(reset.1, "2");

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -103,7 +102,11 @@ pub fn is_client_credential(name: &HeaderName) -> bool {
 }
 
 /// The request headers to send upstream.
-pub fn upstream_headers(client: &HeaderMap, backend: &Backend, forward_credentials: bool) -> HeaderMap {
+pub fn upstream_headers(
+    client: &HeaderMap,
+    backend: &Backend,
+    forward_credentials: bool,
+) -> HeaderMap {
     let listed = connection_listed(client);
     let mut out = HeaderMap::with_capacity(client.len() + backend.headers.len() + 2);
     for (name, value) in client {
@@ -142,7 +145,9 @@ pub fn downstream_headers(upstream: &HeaderMap, rename_ratelimit: bool) -> Heade
         }
         if rename_ratelimit {
             if let Some(rest) = name.as_str().strip_prefix("x-ratelimit-") {
-                if let Ok(n) = HeaderName::from_bytes(format!("x-upstream-ratelimit-{rest}").as_bytes()) {
+                if let Ok(n) =
+                    HeaderName::from_bytes(format!("x-upstream-ratelimit-{rest}").as_bytes())
+                {
                     out.append(n, value.clone());
                 }
                 continue;
@@ -160,4 +165,3 @@ pub fn host_header(authority: &http::uri::Authority) -> Option<HeaderValue> {
 pub fn bytes_len_header(len: usize) -> HeaderValue {
     HeaderValue::from(len)
 }
-

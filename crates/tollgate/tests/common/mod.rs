@@ -1,7 +1,7 @@
 //! Test harness: the real `tollgate` binary on port 0 with a test clock, and a real
 //! upstream (the simulator crate on its own socket, counting what reaches it).
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
