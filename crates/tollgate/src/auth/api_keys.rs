@@ -1,4 +1,4 @@
-//! Authentication: who is calling. API keys now (JWT joins here later).
+//! API keys.
 //!
 //! Keys are stored as SHA-256 digests only. A presented key is hashed once and looked up
 //! in a hash map (O(1)); the stored digest is then compared in constant time, so timing
@@ -7,38 +7,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::Identity;
+
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tollgate_limits::cel;
-
-/// The caller, as CEL sees it in `auth`.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// `api_key`, `jwt` or `anonymous`.
-    pub method: &'static str,
-    /// The `auth.identity` map (CEL value, built once at config load for API keys).
-    pub identity: cel::Value,
-    /// A short, non-secret label for logs (`userid`/`sub` when present).
-    pub label: Arc<str>,
-}
-
-impl Identity {
-    pub fn anonymous() -> Self {
-        Self {
-            method: "anonymous",
-            identity: cel::map(Vec::<(String, cel::Value)>::new()),
-            label: Arc::from("-"),
-        }
-    }
-
-    pub fn to_cel(&self) -> cel::Value {
-        cel::map([
-            ("identity", self.identity.clone()),
-            ("method", cel::string(self.method)),
-        ])
-    }
-}
 
 #[derive(Debug)]
 struct KeyEntry {
