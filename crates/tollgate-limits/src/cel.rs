@@ -96,12 +96,8 @@ impl Expr {
     }
 
     pub fn eval(&self, attrs: &Attrs) -> Result<Value, EvalError> {
-        let mut ctx = Context::with_env(env());
-        for (name, value) in &attrs.vars {
-            ctx.add_variable_from_value(*name, value.clone());
-        }
         self.program
-            .execute(&ctx)
+            .execute(attrs.context())
             .map_err(|e| EvalError::Execution(e.to_string()))
     }
 
@@ -200,10 +196,28 @@ fn collect_paths(src: &str, out: &mut Vec<String>) {
     }
 }
 
-/// The activation for one evaluation: top-level variables by name.
-#[derive(Debug, Clone, Default)]
+/// The activation of one request: top-level variables by name. The CEL context is
+/// built once, on the first evaluation, and shared by every expression of the request
+/// (converting the variables is most of an evaluation's cost).
+#[derive(Default)]
 pub struct Attrs {
     vars: Vec<(&'static str, Value)>,
+    ctx: OnceLock<Context<'static, 'static>>,
+}
+
+impl std::fmt::Debug for Attrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attrs").field("vars", &self.vars).finish()
+    }
+}
+
+impl Clone for Attrs {
+    fn clone(&self) -> Self {
+        Self {
+            vars: self.vars.clone(),
+            ctx: OnceLock::new(),
+        }
+    }
 }
 
 impl Attrs {
@@ -211,11 +225,22 @@ impl Attrs {
         Self::default()
     }
     pub fn set(&mut self, name: &'static str, value: Value) {
+        // A change invalidates the built context.
+        self.ctx = OnceLock::new();
         if let Some(slot) = self.vars.iter_mut().find(|(n, _)| *n == name) {
             slot.1 = value;
         } else {
             self.vars.push((name, value));
         }
+    }
+    fn context(&self) -> &Context<'static, 'static> {
+        self.ctx.get_or_init(|| {
+            let mut ctx = Context::with_env(env());
+            for (name, value) in &self.vars {
+                ctx.add_variable_from_value(*name, value.clone());
+            }
+            ctx
+        })
     }
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v)

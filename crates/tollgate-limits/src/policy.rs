@@ -83,6 +83,14 @@ pub struct CompiledPolicy {
     pub accounting: Accounting,
     /// Cost of a call in tokens; `None` = `usage.total_tokens`.
     pub cost: Option<Expr>,
+    /// Output tokens assumed for a reservation when the request sets no cap.
+    pub default_output_tokens: u64,
+    /// End a stream cleanly when its cost would pass what its counters have left.
+    pub stream_cutoff: bool,
+    /// Count prompt tokens with the exact BPE tokenizer instead of the fast estimate.
+    pub exact_prompt: bool,
+    /// Admitted before authentication (request policies only).
+    pub pre_auth: bool,
     pub limits: Vec<CompiledLimit>,
 }
 
@@ -160,14 +168,48 @@ impl Plan {
     }
 }
 
+/// What is known about an LLM call before it is made, for reservations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallEstimate {
+    /// Prompt tokens (fast estimate, or exact when a policy asked for it).
+    pub input_tokens: u64,
+    /// The client's output cap, if it set one.
+    pub max_output_tokens: Option<u64>,
+    /// Completions asked for (`n`, `best_of`), at least 1.
+    pub n: u64,
+    /// Embeddings generate nothing.
+    pub generates_output: bool,
+}
+
+impl CallEstimate {
+    /// The figures a policy reserves: prompt plus output cap (or the policy's default) × n.
+    pub fn figures(&self, default_output_tokens: u64) -> TokenFigures {
+        let output = if self.generates_output {
+            self.max_output_tokens
+                .unwrap_or(default_output_tokens)
+                .saturating_mul(self.n.max(1))
+        } else {
+            0
+        };
+        TokenFigures {
+            input_tokens: self.input_tokens,
+            output_tokens: output,
+            total_tokens: self.input_tokens.saturating_add(output),
+            ..Default::default()
+        }
+    }
+}
+
 /// What [`plan`] needs to know about the request besides its attributes.
 pub struct PlanRequest<'a> {
     pub route: &'a str,
     /// Token policies apply only to LLM calls.
     pub is_llm_call: bool,
     pub attrs: &'a Attrs,
-    /// Estimated figures for `accounting: reserve` policies (None: reserve nothing).
-    pub estimate: Option<&'a TokenFigures>,
+    /// What the call may cost, for `accounting: reserve` policies (None: reserve nothing).
+    pub estimate: Option<&'a CallEstimate>,
+    /// Plan the pre-authentication policies (true) or all the others (false).
+    pub pre_auth: bool,
 }
 
 /// Evaluate every applicable policy and limit for one request.
@@ -180,9 +222,13 @@ pub fn plan(policies: &[CompiledPolicy], req: &PlanRequest<'_>) -> Plan {
         if policy.kind == PolicyKind::Tokens && !req.is_llm_call {
             continue;
         }
+        if policy.pre_auth != req.pre_auth {
+            continue;
+        }
         let reserve_estimate = match (policy.accounting, req.estimate) {
-            (Accounting::Reserve, Some(est)) if policy.kind == PolicyKind::Tokens => {
-                match cost(policy, est, req.attrs) {
+            (Accounting::Reserve, Some(call)) if policy.kind == PolicyKind::Tokens => {
+                let est = call.figures(policy.default_output_tokens);
+                match cost(policy, &est, req.attrs) {
                     Ok(c) => c,
                     Err(message) => {
                         // A cost expression that cannot price the estimate still reserves
@@ -378,6 +424,10 @@ mod tests {
             mode: Mode::Enforce,
             accounting: Accounting::After,
             cost: None,
+            default_output_tokens: 1024,
+            stream_cutoff: false,
+            exact_prompt: false,
+            pre_auth: false,
             limits: vec![limit("free", "free", 50), limit("gold", "gold", 200)],
         }]
     }
@@ -408,6 +458,7 @@ mod tests {
                 is_llm_call: true,
                 attrs: &a,
                 estimate: None,
+                pre_auth: false,
             },
         );
         assert_eq!(p.ops.len(), 1);
@@ -425,6 +476,7 @@ mod tests {
                 is_llm_call: false,
                 attrs: &a,
                 estimate: None,
+                pre_auth: false,
             },
         );
         assert!(p.ops.is_empty());
@@ -446,6 +498,7 @@ mod tests {
                 is_llm_call: true,
                 attrs: &a,
                 estimate: None,
+                pre_auth: false,
             },
         );
         assert!(p.ops.is_empty());
@@ -459,11 +512,11 @@ mod tests {
         pols[0].accounting = Accounting::Reserve;
         pols[0].cost = Some(Expr::compile("usage.input_tokens + 2 * usage.output_tokens").unwrap());
         let a = attrs("gold", "/v1/chat/completions");
-        let est = TokenFigures {
+        let est = CallEstimate {
             input_tokens: 10,
-            output_tokens: 5,
-            total_tokens: 15,
-            ..Default::default()
+            max_output_tokens: Some(5),
+            n: 1,
+            generates_output: true,
         };
         let p = plan(
             &pols,
@@ -472,6 +525,7 @@ mod tests {
                 is_llm_call: true,
                 attrs: &a,
                 estimate: Some(&est),
+                pre_auth: false,
             },
         );
         assert_eq!(p.ops.len(), 1);

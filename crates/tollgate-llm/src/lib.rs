@@ -26,6 +26,7 @@
 
 pub mod api;
 pub mod estimate;
+pub mod exact;
 mod json;
 pub mod meter;
 pub mod request;
@@ -36,6 +37,7 @@ mod wire;
 
 pub use api::Api;
 pub use estimate::{estimate_output_tokens, estimate_tokens, EstimateConfig};
+pub use exact::{bpe_tokens, exact_prompt_tokens};
 pub use meter::{
     cutoff_events, BodyMeter, BodyOutcome, CutoffContext, Forward, MeterOptions, MeterOutcome,
     StreamMeter,

@@ -214,7 +214,19 @@ async fn serve(
     let proxy_addr = proxy_l.local_addr()?;
     let admin_addr = admin_l.local_addr()?;
 
-    let gw = Arc::new(Gateway::new(runtime, store.clone(), clock.clone()));
+    let store_health: crate::proxy::StoreHealth = Box::new(|| crate::proxy::StoreStatus {
+        kind: "memory",
+        healthy: true,
+        state: "healthy",
+        detail: "in-process counters".into(),
+    });
+    let admin_token = runtime.admin_token.clone();
+    let gw = Arc::new(Gateway::new(
+        runtime,
+        store.clone(),
+        clock.clone(),
+        store_health,
+    ));
     let (tx, rx) = watch::channel(false);
 
     // Reclaim ended windows and expired reservations; memory stays bounded.
@@ -241,6 +253,7 @@ async fn serve(
     let admin = crate::admin::router(crate::admin::AdminState {
         gw: gw.clone(),
         test_clock: manual.clone(),
+        token: admin_token,
     });
     let mut admin_rx = rx.clone();
     let admin_task = tokio::spawn(async move {
@@ -255,6 +268,7 @@ async fn serve(
     println!("tollgate listening proxy={proxy_addr} admin={admin_addr}");
     let _ = std::io::stdout().flush();
 
+    crate::reload::spawn(gw.clone(), path.clone(), rx.clone());
     let proxy_task = tokio::spawn(crate::proxy::serve(proxy_l, gw.clone(), rx));
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");

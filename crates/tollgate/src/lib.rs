@@ -16,5 +16,8 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
+pub mod usage;

@@ -120,6 +120,16 @@ pub struct Runtime {
     pub policies: Vec<CompiledPolicy>,
     pub limits: Limits,
     pub access_log: bool,
+    /// `auth.authorization`: all must hold, else 403.
+    pub authorization: Vec<Expr>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Some policy runs before authentication.
+    pub has_pre_auth: bool,
+    /// Bearer token for the admin API, if configured.
+    pub admin_token: Option<Arc<str>>,
+    /// Some expression reads `request.headers` (else the map is not built per request).
+    pub cel_reads_headers: bool,
     /// The config it was built from (secrets are never serialised from it).
     pub config: Config,
 }
@@ -149,9 +159,40 @@ impl Runtime {
         let mut b = Builder {
             errors: Vec::new(),
             warnings: Vec::new(),
+            reads_headers: false,
         };
         let listen = b.addr("listen", &cfg.listen);
         let admin_listen = b.addr("admin.listen", &cfg.admin.listen);
+        let admin_token = match (&cfg.admin.token_env, &cfg.admin.token_file) {
+            (Some(_), Some(_)) => {
+                b.err("admin", "give at most one of `token_env` and `token_file`");
+                None
+            }
+            (Some(var), None) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Some(Arc::from(v.as_str())),
+                _ => {
+                    b.err(
+                        "admin.token_env",
+                        format!("environment variable `{var}` is not set"),
+                    );
+                    None
+                }
+            },
+            (None, Some(f)) => match std::fs::read_to_string(f) {
+                Ok(v) => Some(Arc::from(v.trim_end_matches(['\n', '\r']))),
+                Err(e) => {
+                    b.err("admin.token_file", format!("cannot read `{f}`: {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if admin_token.is_none() && admin_listen.is_some_and(|a| !a.ip().is_loopback()) {
+            b.warn(
+                "admin.listen",
+                "the admin API listens beyond loopback without a token (set admin.token_env)",
+            );
+        }
 
         let mut backends = Vec::new();
         let mut names = HashSet::new();
@@ -406,6 +447,22 @@ impl Runtime {
                     "`cost` applies to TokenRateLimitPolicy only",
                 );
             }
+            if kind == PolicyKind::Requests
+                && (pc.stream_cutoff
+                    || pc.default_max_tokens.is_some()
+                    || pc.prompt_estimate != crate::config::PromptEstimateConfig::Fast)
+            {
+                b.err(
+                    &path,
+                    "`stream_cutoff`, `default_max_tokens` and `prompt_estimate` apply to TokenRateLimitPolicy only",
+                );
+            }
+            if pc.phase == crate::config::PhaseConfig::PreAuth && kind == PolicyKind::Tokens {
+                b.err(
+                    format!("{path}.phase"),
+                    "`phase: pre_auth` applies to RateLimitPolicy only (tokens are known after the call)",
+                );
+            }
             if pc.accounting == AccountingConfig::Reserve && kind == PolicyKind::Requests {
                 b.err(
                     format!("{path}.accounting"),
@@ -498,10 +555,35 @@ impl Runtime {
                     AccountingConfig::Reserve => Accounting::Reserve,
                 },
                 cost,
+                default_output_tokens: pc.default_max_tokens.unwrap_or(1024),
+                stream_cutoff: pc.stream_cutoff,
+                exact_prompt: pc.prompt_estimate == crate::config::PromptEstimateConfig::Exact,
+                pre_auth: pc.phase == crate::config::PhaseConfig::PreAuth,
                 limits,
             });
         }
 
+        let authorization: Vec<Expr> = cfg
+            .auth
+            .iter()
+            .flat_map(|a| a.authorization.iter().enumerate())
+            .filter_map(|(i, src)| {
+                b.cel(&format!("auth.authorization[{i}]"), src, &identity_fields)
+            })
+            .collect();
+        let mut trusted_proxies = Vec::new();
+        for (i, t) in cfg.server.trusted_proxies.iter().enumerate() {
+            let parsed = t
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(n) => trusted_proxies.push(n),
+                Err(_) => b.err(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("`{t}` is not an address or CIDR like 10.0.0.0/8"),
+                ),
+            }
+        }
         let s = &cfg.server;
         let ms = |d: &Option<crate::config::ConfigDuration>, default: u64| {
             d.map(|d| d.as_millis_u64()).unwrap_or(default)
@@ -526,6 +608,7 @@ impl Runtime {
             all.extend(warnings);
             return Err(all);
         }
+        let has_pre_auth = policies.iter().any(|p| p.pre_auth);
         let (Some(listen), Some(admin_listen)) = (listen, admin_listen) else {
             return Err(vec![Problem::error("listen", "invalid listen address")]);
         };
@@ -540,6 +623,11 @@ impl Runtime {
                 policies,
                 limits,
                 access_log: cfg.logging.access_log.unwrap_or(true),
+                cel_reads_headers: b.reads_headers,
+                has_pre_auth,
+                authorization,
+                trusted_proxies,
+                admin_token,
                 config: cfg,
             },
             warnings,
@@ -550,6 +638,7 @@ impl Runtime {
 struct Builder {
     errors: Vec<Problem>,
     warnings: Vec<Problem>,
+    reads_headers: bool,
 }
 
 impl Builder {
@@ -573,8 +662,14 @@ impl Builder {
     fn cel(&mut self, path: &str, src: &str, identity_fields: &BTreeSet<String>) -> Option<Expr> {
         match Expr::compile(src) {
             Ok(e) => {
+                // `request.headers`, or `request` used whole (e.g. passed to a macro).
+                if src.contains("headers")
+                    || e.member_paths().iter().all(|p| !p.starts_with("request."))
+                        && e.references_variable("request")
+                {
+                    self.reads_headers = true;
+                }
                 for p in e.member_paths() {
-                    let p = p.strip_prefix("request.").map(|_| p.as_str()).unwrap_or(&p);
                     let root = p.split('.').next().unwrap_or("");
                     if !matches!(
                         root,

@@ -111,12 +111,20 @@ pub struct Config {
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// Environment variable holding a bearer token required on the admin API.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// File holding that token.
+    #[serde(default)]
+    pub token_file: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            token_env: None,
+            token_file: None,
         }
     }
 }
@@ -142,6 +150,9 @@ pub struct StorageConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
+    /// Peers (CIDRs) whose `X-Forwarded-For` is believed for `source.address`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Largest request body accepted (default 8 MiB); larger → 413.
     #[serde(default)]
     pub max_request_body_bytes: Option<u64>,
@@ -286,6 +297,10 @@ pub struct RouteConfig {
 pub struct AuthConfig {
     #[serde(default)]
     pub api_keys: Option<ApiKeysConfig>,
+    /// CEL predicates that must all hold for an authenticated call, else 403
+    /// (`permission_denied`), e.g. `request.model in auth.identity.llms.openai`.
+    #[serde(default)]
+    pub authorization: Vec<String>,
 }
 
 fn default_prefixes() -> Vec<String> {
@@ -388,7 +403,36 @@ pub struct PolicyConfig {
     /// CEL over `usage` (and request attributes): the tokens a call costs.
     #[serde(default)]
     pub cost: Option<String>,
+    /// Output tokens a reservation assumes when the request sets no cap (default 1024).
+    #[serde(default)]
+    pub default_max_tokens: Option<u64>,
+    /// End a stream cleanly once its cost would pass what its counters have left.
+    #[serde(default)]
+    pub stream_cutoff: bool,
+    /// `fast` (byte heuristic, default) or `exact` (BPE, off the async workers).
+    #[serde(default)]
+    pub prompt_estimate: PromptEstimateConfig,
+    /// `pre_auth`: a RateLimitPolicy counted before authentication (by
+    /// `source.address`), so floods of bad credentials never reach key or JWT checks.
+    #[serde(default)]
+    pub phase: PhaseConfig,
     pub limits: BTreeMap<String, LimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseConfig {
+    PreAuth,
+    #[default]
+    Default,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptEstimateConfig {
+    #[default]
+    Fast,
+    Exact,
 }
 
 fn default_target() -> TargetConfig {

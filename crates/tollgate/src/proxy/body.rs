@@ -34,10 +34,17 @@ pub enum BodyEnd {
     ClientGone,
 }
 
+/// What to do with one chunk.
+pub enum Step {
+    /// Forward these bytes (usually the chunk itself) and go on.
+    Forward(Bytes),
+    /// Forward these bytes and end the body here (the meter has settled already).
+    Last(Bytes),
+}
+
 /// Something that looks at each data chunk on its way to the client and may rewrite it.
 pub trait ChunkMeter: Send + 'static {
-    /// Returns the bytes to forward (usually `chunk` itself).
-    fn on_chunk(&mut self, chunk: Bytes) -> Bytes;
+    fn on_chunk(&mut self, chunk: Bytes) -> Step;
     /// Called exactly once; returns bytes still held back, to forward last.
     fn on_end(&mut self, end: BodyEnd) -> Bytes;
     /// Whether `on_chunk` only ever returns its input unchanged (keeps Content-Length).
@@ -116,9 +123,22 @@ where
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let out = match this.meter.as_mut() {
+                        let step = match this.meter.as_mut() {
+                            None => Step::Forward(data),
                             Some(m) => m.on_chunk(data),
-                            None => data,
+                        };
+                        let out = match step {
+                            Step::Forward(b) => b,
+                            Step::Last(b) => {
+                                // Ended by the meter (stream cutoff): drop the upstream
+                                // body with us, which closes its connection.
+                                *this.finished = true;
+                                this.meter.take();
+                                if b.is_empty() {
+                                    return Poll::Ready(None);
+                                }
+                                return Poll::Ready(Some(Ok(Frame::data(b))));
+                            }
                         };
                         if out.is_empty() {
                             // Everything held back (or stripped): poll on.

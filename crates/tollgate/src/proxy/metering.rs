@@ -19,27 +19,26 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::Method;
 use tollgate_limits::cel::Attrs;
-use tollgate_limits::policy::{cost, OpOrigin, TokenFigures};
+use tollgate_limits::policy::{cost, CallEstimate, OpOrigin, TokenFigures};
 use tollgate_limits::store::ReservationId;
 use tollgate_limits::{CounterKind, CounterOp, Settlement};
 use tollgate_llm::{Api, LlmRequest, Usage};
 
-use super::body::{BodyEnd, ChunkMeter};
+use super::body::{BodyEnd, ChunkMeter, Step};
 use super::Gateway;
 use crate::runtime::Runtime;
 
-/// Default output tokens assumed for a reservation when the request sets no cap.
-pub const DEFAULT_OUTPUT_RESERVATION: u64 = 1024;
+/// Output assumed for an unreadable response to a request that set no cap.
+pub const ASSUMED_OUTPUT_TOKENS: u64 = 1024;
 
-/// The pre-call estimate used for reservations and as the prompt part of estimates.
-pub fn estimate(llm: &LlmRequest) -> TokenFigures {
-    let input = llm.prompt_tokens_estimate;
-    let output = llm.output_reservation(DEFAULT_OUTPUT_RESERVATION);
-    TokenFigures {
-        input_tokens: input,
-        output_tokens: output,
-        total_tokens: input.saturating_add(output),
-        ..Default::default()
+/// What is known about a call before it is made (prompt from the fast estimate; the
+/// pipeline replaces it with an exact count when a policy asks for one).
+pub fn estimate(llm: &LlmRequest) -> CallEstimate {
+    CallEstimate {
+        input_tokens: llm.prompt_tokens_estimate,
+        max_output_tokens: llm.max_output_tokens,
+        n: llm.n.max(1),
+        generates_output: llm.api != Api::Embeddings,
     }
 }
 
@@ -63,9 +62,10 @@ pub struct Settle {
     pub origins: Vec<OpOrigin>,
     pub window_starts: Vec<u64>,
     pub reservation: ReservationId,
-    pub estimate: TokenFigures,
+    pub estimate: CallEstimate,
     pub request_id: String,
     pub route: Arc<str>,
+    pub backend: Arc<str>,
     pub identity: Arc<str>,
     pub model: Option<String>,
     pub method: Method,
@@ -76,6 +76,56 @@ pub struct Settle {
 }
 
 impl Settle {
+    /// Tokens by route, model, policy, limit and type, once per (policy, limit).
+    fn token_metrics(&self, origins: &[OpOrigin], f: &TokenFigures, estimated: bool) {
+        let m = &self.gw.stats.metrics;
+        let model = m.model_label(self.model.as_deref());
+        let mut seen: Vec<(usize, usize)> = Vec::new();
+        for o in origins.iter().filter(|o| o.kind == CounterKind::Tokens) {
+            if seen.contains(&(o.policy, o.limit)) {
+                continue;
+            }
+            seen.push((o.policy, o.limit));
+            let Some(p) = self.rt.policies.get(o.policy) else {
+                continue;
+            };
+            let limit = p
+                .limits
+                .get(o.limit)
+                .map(|l| l.name.to_string())
+                .unwrap_or_default();
+            let types: [(&str, u64); 4] = if estimated {
+                [
+                    ("estimated", f.total_tokens),
+                    ("prompt", 0),
+                    ("completion", 0),
+                    ("cached", 0),
+                ]
+            } else {
+                [
+                    ("prompt", f.input_tokens),
+                    ("completion", f.output_tokens),
+                    ("cached", f.cached_input_tokens),
+                    ("estimated", 0),
+                ]
+            };
+            for (t, n) in types {
+                if n == 0 {
+                    continue;
+                }
+                m.tokens
+                    .get_or_create(&crate::metrics::TokenLabels {
+                        route: self.route.to_string(),
+                        model: model.clone(),
+                        policy: p.name.to_string(),
+                        limit: limit.clone(),
+                        r#type: t.to_owned(),
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
     /// The call never reached the upstream: release everything, charge nothing.
     pub fn release_now(&mut self) {
         self.charge(None, false, "released");
@@ -86,12 +136,11 @@ impl Settle {
         let now = self.gw.clock.now_ms();
         let mut settlements = Vec::with_capacity(self.ops.len());
         let mut charged = 0u64;
-        for ((op, origin), window_start) in self
-            .ops
-            .iter()
-            .zip(self.origins.iter())
-            .zip(self.window_starts.iter())
-        {
+        // Taken, so a second call (drop after end) settles nothing twice.
+        let ops = std::mem::take(&mut self.ops);
+        let origins = std::mem::take(&mut self.origins);
+        let window_starts = std::mem::take(&mut self.window_starts);
+        for ((op, origin), window_start) in ops.into_iter().zip(origins.iter()).zip(window_starts) {
             let actual = match (origin.kind, usage.as_ref()) {
                 (CounterKind::Tokens, Some(u)) => {
                     let policy = &self.rt.policies[origin.policy];
@@ -107,24 +156,53 @@ impl Settle {
             };
             if origin.kind == CounterKind::Tokens {
                 charged = charged.max(actual);
+                // The guarantee "never above the limit" holds for calls that bound their
+                // output; where a default was assumed and passed, count the overshoot.
+                if op.reserve > 0
+                    && actual > op.reserve
+                    && self.estimate.max_output_tokens.is_none()
+                {
+                    self.gw.stats.reservation_overshoot(actual - op.reserve);
+                }
             }
             if actual == 0 && op.reserve == 0 {
                 continue;
             }
             settlements.push(Settlement {
-                op: op.clone(),
-                window_start: *window_start,
+                op,
+                window_start,
                 reservation: self.reservation,
                 actual,
             });
         }
-        // Clear so a second call (drop after end) settles nothing twice.
-        self.ops.clear();
-        self.origins.clear();
-        self.window_starts.clear();
 
         let figures = usage.unwrap_or_default();
-        self.gw.stats.tokens(&figures, estimated);
+        if end != "released" {
+            let stats = &self.gw.stats;
+            stats.served(now, &self.route, &self.backend, self.status);
+            if estimated {
+                stats.metrics.estimated_calls.inc();
+            }
+            self.token_metrics(&origins, &figures, estimated);
+            if usage.is_some() {
+                let policy = origins
+                    .iter()
+                    .find(|o| o.kind == CounterKind::Tokens)
+                    .and_then(|o| self.rt.policies.get(o.policy))
+                    .map(|p| p.name.to_string())
+                    .unwrap_or_else(|| "-".into());
+                self.gw.usage.record(
+                    now,
+                    &self.identity,
+                    &policy,
+                    self.model.as_deref().unwrap_or("-"),
+                    figures.input_tokens,
+                    figures.output_tokens,
+                    figures.total_tokens,
+                    estimated,
+                );
+            }
+        }
         if self.rt.access_log {
             tracing::info!(
                 target: "tollgate::access",
@@ -152,7 +230,12 @@ impl Settle {
         let store = self.gw.store.clone();
         let gw = self.gw.clone();
         let fut = async move {
-            if let Err(e) = store.settle(now, &settlements).await {
+            let t = std::time::Instant::now();
+            let r = store.settle(now, &settlements).await;
+            gw.stats
+                .metrics
+                .observe_store("settle", t.elapsed(), r.is_ok());
+            if let Err(e) = r {
                 gw.stats.settle_failed();
                 tracing::error!(error = %e, "settlement failed; tokens not recorded");
             }
@@ -181,10 +264,18 @@ enum Wire {
     Body(Box<tollgate_llm::BodyMeter>),
 }
 
+/// A stream's hard cap: the cost (under each cutoff policy) it may reach.
+pub struct Cutoff {
+    /// (policy index, tokens its tightest counter had left at admission).
+    pub allowances: Vec<(usize, u64)>,
+}
+
 pub struct CallMeter {
     settle: Settle,
+    first_byte_seen: bool,
     wire: Wire,
     strip: bool,
+    cutoff: Option<Cutoff>,
 }
 
 impl CallMeter {
@@ -194,12 +285,20 @@ impl CallMeter {
         stream: bool,
         strip_usage: bool,
         buffer_cap: u64,
+        cutoff: Option<Cutoff>,
     ) -> Self {
+        let cutoff = cutoff.filter(|_| stream);
         let wire = match api {
             None => Wire::None,
-            Some(api) if stream => {
-                Wire::Stream(Box::new(tollgate_llm::StreamMeter::new(api, strip_usage)))
-            }
+            Some(api) if stream => Wire::Stream(Box::new(tollgate_llm::StreamMeter::with_options(
+                api,
+                tollgate_llm::MeterOptions {
+                    strip_usage_chunk: strip_usage,
+                    // A cutoff may be appended only between whole events.
+                    align_to_events: cutoff.is_some(),
+                    ..Default::default()
+                },
+            ))),
             Some(api) => Wire::Body(Box::new(tollgate_llm::BodyMeter::new(
                 api,
                 usize::try_from(buffer_cap).unwrap_or(usize::MAX),
@@ -207,26 +306,98 @@ impl CallMeter {
         };
         Self {
             settle,
+            first_byte_seen: false,
+            strip: (strip_usage && stream) || cutoff.is_some(),
             wire,
-            strip: strip_usage && stream,
+            cutoff,
         }
+    }
+
+    /// Whether the stream's cost so far passes what any cutoff policy allows.
+    fn over_allowance(&self, m: &tollgate_llm::StreamMeter) -> bool {
+        let Some(c) = &self.cutoff else {
+            return false;
+        };
+        let snap = m.snapshot();
+        let output = m.output_tokens_so_far();
+        let input = snap
+            .usage
+            .map(|u| u.input_tokens)
+            .unwrap_or(self.settle.estimate.input_tokens);
+        let so_far = TokenFigures {
+            input_tokens: input,
+            output_tokens: output,
+            total_tokens: input.saturating_add(output),
+            ..Default::default()
+        };
+        c.allowances.iter().any(|(pi, allowed)| {
+            self.settle
+                .rt
+                .policies
+                .get(*pi)
+                .map(|p| {
+                    cost(p, &so_far, &self.settle.attrs).unwrap_or(so_far.total_tokens) > *allowed
+                })
+                .unwrap_or(false)
+        })
     }
 }
 
 impl ChunkMeter for CallMeter {
-    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
-        match &mut self.wire {
-            Wire::None => chunk,
+    fn on_chunk(&mut self, chunk: Bytes) -> Step {
+        if !self.first_byte_seen && !chunk.is_empty() {
+            self.first_byte_seen = true;
+            if matches!(self.wire, Wire::Stream(_)) {
+                let s = &self.settle;
+                s.gw.stats
+                    .first_token(&s.route, &s.backend, s.started.elapsed());
+            }
+        }
+        let out = match &mut self.wire {
+            Wire::None => return Step::Forward(chunk),
             Wire::Body(m) => {
                 m.feed(&chunk);
-                chunk
+                return Step::Forward(chunk);
             }
             Wire::Stream(m) => match m.feed(&chunk) {
                 tollgate_llm::Forward::All => chunk,
                 tollgate_llm::Forward::Bytes(b) => Bytes::from(b),
                 tollgate_llm::Forward::Nothing => Bytes::new(),
             },
+        };
+        let cut = match &self.wire {
+            Wire::Stream(m) => self.over_allowance(m) && !m.snapshot().saw_done,
+            _ => false,
+        };
+        if !cut {
+            return Step::Forward(out);
         }
+        // Hard cap reached: end the stream cleanly in the client's own format and charge
+        // what was generated (upstream usage if it came, else the count).
+        let Wire::Stream(m) = std::mem::replace(&mut self.wire, Wire::None) else {
+            return Step::Forward(out);
+        };
+        let tail = m.cutoff_events();
+        let outcome = m.finish();
+        let output = outcome.output_tokens();
+        let input = outcome
+            .usage
+            .map(|u| u.input_tokens)
+            .unwrap_or(self.settle.estimate.input_tokens);
+        let figures = TokenFigures {
+            input_tokens: input,
+            output_tokens: output,
+            total_tokens: input.saturating_add(output),
+            ..Default::default()
+        };
+        self.settle.gw.stats.stream_cutoff();
+        tracing::info!(request = %self.settle.request_id, output_tokens = output, "stream cut off: budget reached");
+        self.settle
+            .charge(Some(figures), !outcome.usage_final, "cutoff");
+        let mut all = Vec::with_capacity(out.len() + tail.len());
+        all.extend_from_slice(&out);
+        all.extend_from_slice(&tail);
+        Step::Last(Bytes::from(all))
     }
 
     fn on_end(&mut self, end: BodyEnd) -> Bytes {
@@ -250,7 +421,10 @@ impl ChunkMeter for CallMeter {
                     // its output: assume what the request allowed (max_tokens × n, or
                     // the default), the same figure a reservation holds.
                     let output = if (out.truncated || out.malformed) && out.output_estimate == 0 {
-                        self.settle.estimate.output_tokens
+                        self.settle
+                            .estimate
+                            .figures(ASSUMED_OUTPUT_TOKENS)
+                            .output_tokens
                     } else {
                         out.output_estimate
                     };

@@ -13,10 +13,11 @@ pub mod pipeline;
 pub mod ratelimit_headers;
 pub mod upstream;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -24,36 +25,78 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tollgate_limits::policy::{LimitEvalError, TokenFigures};
+use tollgate_limits::policy::LimitEvalError;
 use tollgate_limits::{Clock, Store};
 
+use crate::metrics::{LimitLabels, Metrics, UpstreamLabels};
 use crate::runtime::Runtime;
+use crate::usage::UsageLedger;
 use upstream::UpstreamClient;
 
-/// Plain counters for status and (later) metrics. Relaxed: they are statistics, read
-/// independently of each other.
-#[derive(Debug, Default)]
+/// Request and token accounting for `/metrics`, `/admin/status` and the dashboard.
+/// Plain atomics for the totals (Relaxed: statistics, read independently), the
+/// Prometheus families in [`Metrics`], and a short per-10-second history.
+#[derive(Default)]
 pub struct Stats {
-    pub admitted: AtomicU64,
+    pub metrics: Metrics,
+    pub allowed: AtomicU64,
     pub limited: AtomicU64,
     pub unauthenticated: AtomicU64,
     pub forbidden: AtomicU64,
     pub errors: AtomicU64,
-    pub shadow_refusals: AtomicU64,
     pub limit_eval_errors: AtomicU64,
-    pub settle_failures: AtomicU64,
-    pub input_tokens: AtomicU64,
-    pub output_tokens: AtomicU64,
-    pub estimated_calls: AtomicU64,
-    pub upstream_latency_us_total: AtomicU64,
-    pub upstream_calls: AtomicU64,
+    history: Mutex<VecDeque<HistoryBucket>>,
 }
 
+/// Allowed and limited requests in one 10-second bucket.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct HistoryBucket {
+    pub at_ms: u64,
+    pub allowed: u64,
+    pub limited: u64,
+}
+
+const HISTORY_BUCKET_MS: u64 = 10_000;
+const HISTORY_BUCKETS: usize = 60;
+
 impl Stats {
-    pub fn admitted(&self) {
-        self.admitted.fetch_add(1, Ordering::Relaxed);
+    fn bump_history(&self, now_ms: u64, limited: bool) {
+        let at = now_ms - now_ms % HISTORY_BUCKET_MS;
+        let mut h = match self.history.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match h.back_mut() {
+            Some(b) if b.at_ms == at => {}
+            _ => {
+                h.push_back(HistoryBucket {
+                    at_ms: at,
+                    allowed: 0,
+                    limited: 0,
+                });
+                while h.len() > HISTORY_BUCKETS {
+                    h.pop_front();
+                }
+            }
+        }
+        if let Some(b) = h.back_mut() {
+            if limited {
+                b.limited += 1;
+            } else {
+                b.allowed += 1;
+            }
+        }
     }
-    pub fn record_refusal(&self, decision: &str) {
+
+    pub fn history(&self) -> Vec<HistoryBucket> {
+        match self.history.lock() {
+            Ok(g) => g.iter().copied().collect(),
+            Err(p) => p.into_inner().iter().copied().collect(),
+        }
+    }
+
+    /// A request answered by tollgate itself (refused or failed before upstream).
+    pub fn refused(&self, now_ms: u64, route: &str, backend: &str, status: u16, decision: &str) {
         let c = match decision {
             "limited" => &self.limited,
             "unauth" => &self.unauthenticated,
@@ -61,12 +104,38 @@ impl Stats {
             _ => &self.errors,
         };
         c.fetch_add(1, Ordering::Relaxed);
+        if decision == "limited" {
+            self.bump_history(now_ms, true);
+        }
+        self.metrics.request(route, backend, status, decision);
     }
-    pub fn shadow_refusal(&self) {
-        self.shadow_refusals.fetch_add(1, Ordering::Relaxed);
+
+    /// A request that was admitted and answered by the upstream.
+    pub fn served(&self, now_ms: u64, route: &str, backend: &str, status: u16) {
+        self.allowed.fetch_add(1, Ordering::Relaxed);
+        self.bump_history(now_ms, false);
+        self.metrics.request(route, backend, status, "allowed");
     }
+
+    pub fn shadow_refusal(&self, policy: &str, limit: &str) {
+        self.metrics
+            .shadow_refusals
+            .get_or_create(&LimitLabels {
+                policy: policy.to_owned(),
+                limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn limit_eval_error(&self, e: &LimitEvalError) {
         let n = self.limit_eval_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .limit_eval_errors
+            .get_or_create(&LimitLabels {
+                policy: e.policy.to_string(),
+                limit: e.limit.to_string(),
+            })
+            .inc();
         // Logged, but rate-limited: the first, then every 1000th.
         if n.is_multiple_of(1000) {
             tracing::warn!(
@@ -76,24 +145,60 @@ impl Stats {
             );
         }
     }
+
     pub fn settle_failed(&self) {
-        self.settle_failures.fetch_add(1, Ordering::Relaxed);
+        self.metrics.settle_failures.inc();
     }
-    pub fn tokens(&self, f: &TokenFigures, estimated: bool) {
-        self.input_tokens
-            .fetch_add(f.input_tokens, Ordering::Relaxed);
-        self.output_tokens
-            .fetch_add(f.output_tokens, Ordering::Relaxed);
-        if estimated {
-            self.estimated_calls.fetch_add(1, Ordering::Relaxed);
-        }
+
+    pub fn stream_cutoff(&self) {
+        self.metrics.stream_cutoffs.inc();
     }
-    pub fn upstream_latency(&self, d: Duration) {
-        self.upstream_calls.fetch_add(1, Ordering::Relaxed);
-        self.upstream_latency_us_total
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+
+    pub fn reservation_overshoot(&self, tokens: u64) {
+        self.metrics.reservation_overshoot_tokens.inc_by(tokens);
+    }
+
+    pub fn upstream_latency(&self, route: &str, backend: &str, d: Duration) {
+        self.metrics
+            .upstream_latency
+            .get_or_create(&UpstreamLabels {
+                route: route.to_owned(),
+                backend: backend.to_owned(),
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn first_token(&self, route: &str, backend: &str, d: Duration) {
+        self.metrics
+            .time_to_first_token
+            .get_or_create(&UpstreamLabels {
+                route: route.to_owned(),
+                backend: backend.to_owned(),
+            })
+            .observe(d.as_secs_f64());
     }
 }
+
+/// How the counter store is doing, for `/readyz`, `/admin/status` and the dashboard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreStatus {
+    pub kind: &'static str,
+    pub healthy: bool,
+    pub state: &'static str,
+    pub detail: String,
+}
+
+/// The result of the last configuration (re)load.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub ok: bool,
+    pub at_ms: u64,
+    pub error: Option<String>,
+    pub reloads: u64,
+}
+
+/// Reports the store's health (memory: always healthy; Redis: from its fallback state).
+pub type StoreHealth = Box<dyn Fn() -> StoreStatus + Send + Sync>;
 
 pub struct Gateway {
     pub runtime: ArcSwap<Runtime>,
@@ -101,23 +206,79 @@ pub struct Gateway {
     pub clock: Arc<dyn Clock>,
     pub client: UpstreamClient,
     pub stats: Stats,
+    pub usage: UsageLedger,
+    pub started: Instant,
+    store_health: StoreHealth,
+    last_reload: Mutex<ReloadStatus>,
     seq: AtomicU64,
     /// Random per process, so reservation and request ids never collide across replicas.
     instance: u64,
 }
 
 impl Gateway {
-    pub fn new(runtime: Runtime, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        store_health: StoreHealth,
+    ) -> Self {
         let client = UpstreamClient::new(runtime.limits.upstream_connect_timeout);
+        let now = clock.now_ms();
         Self {
             runtime: ArcSwap::from_pointee(runtime),
             store,
             clock,
             client,
             stats: Stats::default(),
+            usage: UsageLedger::default(),
+            started: Instant::now(),
+            store_health,
+            last_reload: Mutex::new(ReloadStatus {
+                ok: true,
+                at_ms: now,
+                error: None,
+                reloads: 0,
+            }),
             seq: AtomicU64::new(1),
             instance: rand::random::<u64>(),
         }
+    }
+
+    pub fn store_status(&self) -> StoreStatus {
+        (self.store_health)()
+    }
+
+    pub fn last_reload(&self) -> ReloadStatus {
+        match self.last_reload.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Publish a new runtime (in-flight requests keep the one they started with).
+    pub fn swap_runtime(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+        self.record_reload(None);
+    }
+
+    /// Record a reload attempt; `Some(error)` when it was refused.
+    pub fn record_reload(&self, error: Option<String>) {
+        let ok = error.is_none();
+        self.stats
+            .metrics
+            .config_reloads
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: if ok { "success" } else { "failure" }.into(),
+            })
+            .inc();
+        let mut g = match self.last_reload.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.ok = ok;
+        g.at_ms = self.clock.now_ms();
+        g.error = error;
+        g.reloads += 1;
     }
 
     pub fn next_reservation_id(&self) -> u64 {

@@ -20,14 +20,14 @@ use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderMap, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use tollgate_limits::cel::{self, Attrs};
-use tollgate_limits::policy::{plan, PlanRequest};
+use tollgate_limits::policy::{plan, Accounting, PlanRequest};
 use tollgate_limits::store::ReservationId;
 use tollgate_limits::{Admission, CounterKind};
 use tollgate_llm::{Api, LlmRequest};
 
 use super::body::{full, BoxError, MeteredBody, ProxyBody};
 use super::error::GatewayError;
-use super::metering::{CallMeter, Settle};
+use super::metering::{CallMeter, Cutoff, Settle};
 use super::path::canonicalize;
 use super::ratelimit_headers;
 use super::upstream::{downstream_headers, host_header, upstream_headers};
@@ -41,6 +41,8 @@ pub struct RequestContext {
     pub id: String,
     pub started: Instant,
     pub peer: SocketAddr,
+    /// The client: the peer, or from `X-Forwarded-For` when the peer is a trusted proxy.
+    pub source: std::net::IpAddr,
     pub method: Method,
     pub raw_path: String,
     pub path: String,
@@ -63,7 +65,20 @@ where
     match run(&gw, &rt, req, peer, started).await {
         Ok(resp) => resp,
         Err((cx, err)) => {
-            gw.stats.record_refusal(err.decision());
+            let route = cx
+                .as_ref()
+                .and_then(|c| c.route)
+                .and_then(|r| rt.routes.get(r));
+            gw.stats.refused(
+                gw.clock.now_ms(),
+                route.map(|r| &*r.name).unwrap_or("-"),
+                route
+                    .and_then(|r| rt.backends.get(r.backend))
+                    .map(|b| b.name.as_str())
+                    .unwrap_or("-"),
+                err.status().as_u16(),
+                err.decision(),
+            );
             if rt.access_log {
                 tracing::info!(
                     target: "tollgate::access",
@@ -99,7 +114,7 @@ where
     B::Error: Into<BoxError>,
 {
     let (parts, body) = req.into_parts();
-    let mut cx = locate(gw, &parts, peer, started).map_err(|e| (None, e))?;
+    let mut cx = locate(gw, rt, &parts, peer, started).map_err(|e| (None, e))?;
 
     // Routing on `models` needs the body first; otherwise auth comes before buffering,
     // so unauthenticated callers cannot make us hold large bodies.
@@ -111,10 +126,18 @@ where
             }
         }
     }
+    if cx.path == USAGE_PATH && cx.method == Method::GET {
+        return usage_report(gw, rt, cx, &parts.headers).await;
+    }
     let route = match route(rt, &mut cx) {
         Ok(r) => r,
         Err(e) => return Err((Some(cx), e)),
     };
+    if rt.has_pre_auth {
+        if let Err(e) = admit_pre_auth(gw, rt, route, &cx, &parts.headers).await {
+            return Err((Some(cx), e));
+        }
+    }
     if let Err(e) = authenticate(rt, route, &mut cx, &parts.headers) {
         return Err((Some(cx), e));
     }
@@ -132,9 +155,130 @@ where
     forward(gw, rt, route, cx, parts, body, admitted).await
 }
 
+/// Where a caller asks where they stand, without spending.
+pub const USAGE_PATH: &str = "/v1/tollgate/usage";
+
+/// `GET /v1/tollgate/usage`: the caller's counters (value, limit, remaining, reset) for
+/// every route and LLM API they could call, authenticated like any call.
+async fn usage_report(
+    gw: &Arc<Gateway>,
+    rt: &Arc<Runtime>,
+    mut cx: RequestContext,
+    headers: &HeaderMap,
+) -> Result<Response<ProxyBody>, Failed> {
+    if let Some(keys) = rt.api_keys.as_ref() {
+        match auth::authenticate(headers, keys) {
+            Ok(Some(id)) => cx.identity = id,
+            Ok(None) | Err(AuthOutcome::Missing) => {
+                return Err((Some(cx), GatewayError::Unauthenticated("Missing API key.")))
+            }
+            Err(AuthOutcome::Invalid) => {
+                return Err((
+                    Some(cx),
+                    GatewayError::Unauthenticated("Incorrect API key provided."),
+                ))
+            }
+        }
+    }
+    let now = gw.clock.now_ms();
+    let mut seen = std::collections::BTreeMap::new();
+    for r in &rt.routes {
+        for api in Api::ALL {
+            let path = format!("/v1/{}", api_path(api));
+            let mut probe = RequestContext {
+                path: path.clone(),
+                raw_path: path,
+                method: Method::POST,
+                api: Some(api),
+                id: cx.id.clone(),
+                started: cx.started,
+                peer: cx.peer,
+                source: cx.source,
+                query: None,
+                host: cx.host.clone(),
+                llm: None,
+                body: None,
+                identity: cx.identity.clone(),
+                route: None,
+            };
+            if !r.matches(&probe.host, &probe.path, &probe.method, None) && r.models.is_none() {
+                continue;
+            }
+            probe.route = None;
+            let attrs = attributes(rt, &probe, headers, now);
+            let p = plan(
+                &rt.policies,
+                &PlanRequest {
+                    route: &r.name,
+                    is_llm_call: true,
+                    attrs: &attrs,
+                    estimate: None,
+                    pre_auth: false,
+                },
+            );
+            for (op, o) in p.ops.iter().zip(p.origins.iter()) {
+                seen.entry(op.id.clone())
+                    .or_insert_with(|| (op.clone(), o.clone()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (id, (op, o)) in seen {
+        let views = gw
+            .store
+            .inspect(
+                now,
+                &tollgate_limits::InspectFilter {
+                    prefix: Some(id.to_string()),
+                },
+            )
+            .await
+            .map_err(|e| (None, GatewayError::StoreUnavailable(e.to_string())))?;
+        let (window_start, reset_at) = match op.rate {
+            tollgate_limits::Rate::Fixed { window, .. } => (window.start(now), window.end(now)),
+            _ => (0, now),
+        };
+        let current = views
+            .iter()
+            .find(|v| v.id == id.as_str() && (v.window_start == window_start || window_start == 0));
+        let limit = op.rate.ceiling();
+        let value = current.map(|v| v.value).unwrap_or(0);
+        let reserved = current.map(|v| v.reserved).unwrap_or(0);
+        let policy = &rt.policies[o.policy];
+        out.push(serde_json::json!({
+            "policy": &*policy.name,
+            "limit_name": &*policy.limits[o.limit].name,
+            "counter": id.as_str(),
+            "kind": o.kind,
+            "limit": limit,
+            "value": value,
+            "reserved": reserved,
+            "remaining": limit.saturating_sub(value.saturating_add(reserved)),
+            "reset_at_ms": current.map(|v| v.reset_at).unwrap_or(reset_at),
+            "reset_in_ms": current.map(|v| v.reset_at).unwrap_or(reset_at).saturating_sub(now),
+        }));
+    }
+    let body = serde_json::json!({"identity": &*cx.identity.label, "now_ms": now, "counters": out});
+    let mut resp = Response::new(full(Bytes::from(body.to_string())));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
+}
+
+fn api_path(api: Api) -> &'static str {
+    match api {
+        Api::Chat => "chat/completions",
+        Api::Completions => "completions",
+        Api::Responses => "responses",
+        Api::Embeddings => "embeddings",
+        Api::Messages => "messages",
+    }
+}
+
 /// Phase 1: canonical path, host, LLM API.
 fn locate(
     gw: &Gateway,
+    rt: &Runtime,
     parts: &http::request::Parts,
     peer: SocketAddr,
     started: Instant,
@@ -165,6 +309,7 @@ fn locate(
         id,
         started,
         peer,
+        source: client_address(rt, peer, &parts.headers),
         method: parts.method.clone(),
         raw_path: parts
             .uri
@@ -180,6 +325,36 @@ fn locate(
         identity: Identity::anonymous(),
         route: None,
     })
+}
+
+/// `X-Forwarded-For` is believed only from trusted proxies: walk it from the right,
+/// skipping trusted hops; the first untrusted address is the client.
+fn client_address(rt: &Runtime, peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
+    let trusted = |ip: &std::net::IpAddr| rt.trusted_proxies.iter().any(|n| n.contains(ip));
+    if rt.trusted_proxies.is_empty() || !trusted(&peer.ip()) {
+        return peer.ip();
+    }
+    let mut client = peer.ip();
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        match hop.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted(&ip) {
+                    break;
+                }
+            }
+            // A malformed hop: stop at the last address we could trust.
+            Err(_) => break,
+        }
+    }
+    client
 }
 
 fn strip_port(host: &str) -> &str {
@@ -241,6 +416,52 @@ fn authenticate(
     }
 }
 
+/// Phase 2b: request policies that run before authentication (floods of bad
+/// credentials are refused before any key or JWT check). Request counts only: nothing
+/// to settle.
+async fn admit_pre_auth(
+    gw: &Arc<Gateway>,
+    rt: &Runtime,
+    route: &Route,
+    cx: &RequestContext,
+    headers: &HeaderMap,
+) -> Result<(), GatewayError> {
+    let now = gw.clock.now_ms();
+    let attrs = attributes(rt, cx, headers, now);
+    let p = plan(
+        &rt.policies,
+        &PlanRequest {
+            route: &route.name,
+            is_llm_call: cx.api.is_some(),
+            attrs: &attrs,
+            estimate: None,
+            pre_auth: true,
+        },
+    );
+    let ops: Vec<_> = p
+        .ops
+        .iter()
+        .zip(p.origins.iter())
+        .filter(|(_, o)| !o.shadow)
+        .map(|(op, _)| op.clone())
+        .collect();
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<CounterKind> = ops.iter().map(|o| o.kind).collect();
+    let reservation = ReservationId(gw.next_reservation_id());
+    match gw.store.admit(now, &ops, reservation, now).await {
+        Ok(Admission::Admitted { .. }) => Ok(()),
+        Ok(Admission::Refused(r)) => Err(GatewayError::RateLimited {
+            message: "Too many requests from this address. Please slow down.".into(),
+            kind: "requests",
+            retry_after_ms: r.retry_after_ms,
+            headers: ratelimit_headers::compute(&r.snapshots, &kinds, now),
+        }),
+        Err(e) => Err(GatewayError::StoreUnavailable(e.to_string())),
+    }
+}
+
 /// Phase 4: buffer and inspect an LLM request body.
 async fn read_body<B>(
     rt: &Runtime,
@@ -283,11 +504,15 @@ where
 }
 
 /// The CEL activation for this request.
-fn attributes(cx: &RequestContext, headers: &HeaderMap, now_ms: u64) -> Attrs {
-    let mut hdrs = Vec::with_capacity(headers.len());
-    for (k, v) in headers {
-        if let Ok(v) = v.to_str() {
-            hdrs.push((k.as_str().to_owned(), cel::string(v)));
+fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u64) -> Attrs {
+    // The header map is the costliest attribute to build: only when an expression reads it.
+    let mut hdrs = Vec::new();
+    if rt.cel_reads_headers {
+        hdrs.reserve(headers.len());
+        for (k, v) in headers {
+            if let Ok(v) = v.to_str() {
+                hdrs.push((k.as_str().to_owned(), cel::string(v)));
+            }
         }
     }
     let mut request = vec![
@@ -309,7 +534,7 @@ fn attributes(cx: &RequestContext, headers: &HeaderMap, now_ms: u64) -> Attrs {
     a.set(
         "source",
         cel::map([
-            ("address", cel::string(cx.peer.ip().to_string())),
+            ("address", cel::string(cx.source.to_string())),
             ("port", cel::int(i64::from(cx.peer.port()))),
         ]),
     );
@@ -332,6 +557,7 @@ fn attributes(cx: &RequestContext, headers: &HeaderMap, now_ms: u64) -> Attrs {
 pub struct Admitted {
     pub settle: Settle,
     pub headers: Vec<(http::HeaderName, HeaderValue)>,
+    pub cutoff: Option<Cutoff>,
 }
 
 /// Phase 5: evaluate policies and take counters atomically.
@@ -342,9 +568,45 @@ async fn admit(
     cx: &RequestContext,
     headers: &HeaderMap,
 ) -> Result<Admitted, GatewayError> {
+    let attrs = attributes(rt, cx, headers, gw.clock.now_ms());
+    let mut estimate = cx.llm.as_ref().map(super::metering::estimate);
+    // Exact BPE counts only when a reserving policy on this route asks, and off the
+    // async workers: tokenizing costs tens of µs per KB.
+    if let (Some(est), Some(llm)) = (estimate.as_mut(), cx.llm.as_ref()) {
+        let wants_exact = rt.policies.iter().any(|p| {
+            p.exact_prompt && p.accounting == Accounting::Reserve && p.covers_route(&route.name)
+        });
+        if wants_exact {
+            let llm = llm.clone();
+            match tokio::task::spawn_blocking(move || tollgate_llm::exact_prompt_tokens(&llm)).await
+            {
+                Ok(n) => est.input_tokens = n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "exact tokenization failed; using the fast estimate")
+                }
+            }
+        }
+    }
+    if route.auth != RouteAuth::None {
+        for pred in &rt.authorization {
+            match pred.eval_bool(&attrs) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(GatewayError::Forbidden(format!(
+                        "Permission denied: `{}` does not hold for this caller.",
+                        pred.source()
+                    )))
+                }
+                Err(e) => {
+                    return Err(GatewayError::Forbidden(format!(
+                        "Permission denied: `{}` could not be evaluated ({e}).",
+                        pred.source()
+                    )))
+                }
+            }
+        }
+    }
     let now = gw.clock.now_ms();
-    let attrs = attributes(cx, headers, now);
-    let estimate = cx.llm.as_ref().map(super::metering::estimate);
     let plan = plan(
         &rt.policies,
         &PlanRequest {
@@ -352,6 +614,7 @@ async fn admit(
             is_llm_call: cx.api.is_some(),
             attrs: &attrs,
             estimate: estimate.as_ref(),
+            pre_auth: false,
         },
     );
     for e in &plan.errors {
@@ -379,10 +642,15 @@ async fn admit(
             snapshots: Vec::new(),
         }
     } else {
-        gw.store
+        let t = Instant::now();
+        let r = gw
+            .store
             .admit(now, &enforced_ops, reservation, deadline)
-            .await
-            .map_err(|e| GatewayError::StoreUnavailable(e.to_string()))?
+            .await;
+        gw.stats
+            .metrics
+            .observe_store("admit", t.elapsed(), r.is_ok());
+        r.map_err(|e| GatewayError::StoreUnavailable(e.to_string()))?
     };
     let snapshots = match outcome {
         Admission::Admitted { snapshots } => snapshots,
@@ -432,6 +700,22 @@ async fn admit(
     };
     let hdrs = ratelimit_headers::compute(&snapshots, &kinds, now);
 
+    // Stream hard cap: what each cutoff policy's tightest token counter had left.
+    let mut allowances: Vec<(usize, u64)> = Vec::new();
+    for (j, &i) in enforced.iter().enumerate() {
+        let o = &plan.origins[i];
+        if o.kind != CounterKind::Tokens || !rt.policies[o.policy].stream_cutoff {
+            continue;
+        }
+        let Some(s) = snapshots.get(j) else { continue };
+        let left = s.limit.saturating_sub(s.value.saturating_add(s.reserved));
+        match allowances.iter_mut().find(|(p, _)| *p == o.policy) {
+            Some(a) => a.1 = a.1.min(left),
+            None => allowances.push((o.policy, left)),
+        }
+    }
+    let cutoff = (!allowances.is_empty()).then_some(Cutoff { allowances });
+
     // Shadow policies: counted, never enforced; a would-be refusal is only reported.
     let shadow_ops: Vec<_> = shadow.iter().map(|&i| plan.ops[i].clone()).collect();
     let mut shadow_snapshots = Vec::new();
@@ -443,7 +727,12 @@ async fn admit(
         {
             Ok(Admission::Admitted { snapshots }) => shadow_snapshots = snapshots,
             Ok(Admission::Refused(r)) => {
-                gw.stats.shadow_refusal();
+                for &b in &r.blocking {
+                    if let Some(o) = shadow.get(b).map(|&i| &plan.origins[i]) {
+                        let p = &rt.policies[o.policy];
+                        gw.stats.shadow_refusal(&p.name, &p.limits[o.limit].name);
+                    }
+                }
                 tracing::info!(request = %cx.id, "shadow policy would refuse this request");
                 shadow_snapshots = r.snapshots;
                 // Nothing was taken; settle only charges tokens into these windows.
@@ -468,7 +757,6 @@ async fn admit(
         origins.push(plan.origins[i].clone());
         window_starts.push(shadow_snapshots.get(j).map(|s| s.window_start).unwrap_or(0));
     }
-    gw.stats.admitted();
     Ok(Admitted {
         settle: Settle {
             gw: gw.clone(),
@@ -481,6 +769,11 @@ async fn admit(
             estimate: estimate.unwrap_or_default(),
             request_id: cx.id.clone(),
             route: route.name.clone(),
+            backend: rt
+                .backends
+                .get(route.backend)
+                .map(|b| Arc::from(b.name.as_str()))
+                .unwrap_or_else(|| Arc::from("-")),
             identity: cx.identity.label.clone(),
             model: cx.llm.as_ref().and_then(|l| l.model.clone()),
             method: cx.method.clone(),
@@ -490,6 +783,7 @@ async fn admit(
             estimated: false,
         },
         headers: hdrs,
+        cutoff,
     })
 }
 
@@ -510,6 +804,7 @@ where
     let Admitted {
         mut settle,
         headers: rl_headers,
+        cutoff,
     } = admitted;
     let Some(backend) = rt.backends.get(route.backend) else {
         settle.release_now();
@@ -629,7 +924,8 @@ where
             return Err((Some(cx), e));
         }
     };
-    gw.stats.upstream_latency(upstream_started.elapsed());
+    gw.stats
+        .upstream_latency(&route.name, &backend.name, upstream_started.elapsed());
 
     settle.status = resp_parts.status.as_u16();
     let is_sse = resp_parts
@@ -648,6 +944,7 @@ where
         is_sse || cx.llm.as_ref().map(|l| l.stream).unwrap_or(false),
         strip_usage,
         rt.limits.max_response_buffer_bytes,
+        cutoff,
     );
     if !meter_passthrough(&meter) {
         headers.remove(CONTENT_LENGTH);

@@ -15,7 +15,8 @@ use std::time::Duration;
 pub const T0: u64 = 1_800_000_000_000 - (1_800_000_000_000 % 86_400_000) + 8 * 3_600_000;
 
 pub struct Gateway {
-    child: Child,
+    pub child: Child,
+    pub config_path: PathBuf,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub stderr_path: PathBuf,
@@ -105,6 +106,7 @@ impl Gateway {
                 .unwrap()
         };
         Gateway {
+            config_path: cfg.clone(),
             proxy: field("proxy"),
             admin: field("admin"),
             child,
@@ -166,6 +168,46 @@ impl Gateway {
                         .unwrap_or(true)
             })
             .and_then(|c| c["value"].as_u64())
+    }
+
+    /// Send a signal (`HUP`, `TERM`, …) to the gateway process.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Replace the config file the way editors and ConfigMaps do: write aside, rename.
+    pub fn rewrite_config(&self, text: &str) {
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/admin/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Wait (bounded) until the reload counter passes `n` — reloads are asynchronous.
+    pub async fn wait_reloads(&self, n: u64) -> serde_json::Value {
+        for _ in 0..250 {
+            let st = self.status().await;
+            if st["last_reload"]["reloads"].as_u64().unwrap_or(0) > n {
+                return st;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no reload seen: {}", self.status().await);
     }
 
     pub fn logs(&self) -> String {

@@ -1,0 +1,290 @@
+//! Prometheus metrics (text format on the admin listener's `/metrics`).
+//!
+//! Labels come from config — route, backend, policy, limit — plus decision, status class
+//! and token type. `model` comes from requests, so it is capped: the first
+//! [`MAX_MODELS`] distinct names are kept, later ones are reported as `other`. No user ids
+//! or keys ever become labels.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub const MAX_MODELS: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub backend: String,
+    pub status_class: String,
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub route: String,
+    pub model: String,
+    pub policy: String,
+    pub limit: String,
+    /// prompt, completion, cached, estimated
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub policy: String,
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~100 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+fn store_histogram() -> Histogram {
+    // 10 µs … ~1 s
+    Histogram::new(exponential_buckets(0.00001, 2.0, 18))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub upstream_latency: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    pub time_to_first_token: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    pub store_latency: Family<OpLabels, Histogram, fn() -> Histogram>,
+    pub store_errors: Family<OpLabels, Counter>,
+    pub reservations_outstanding: Gauge,
+    pub counters_live: Gauge,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub limit_eval_errors: Family<LimitLabels, Counter>,
+    pub shadow_refusals: Family<LimitLabels, Counter>,
+    pub stream_cutoffs: Counter,
+    pub estimated_calls: Counter,
+    pub reservation_overshoot_tokens: Counter,
+    pub settle_failures: Counter,
+    models: Mutex<HashSet<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by route, backend, status class and decision",
+            requests.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens charged by route, model, policy, limit and type (prompt, completion, cached, estimated)",
+            tokens.clone(),
+        );
+        let upstream_latency =
+            Family::<UpstreamLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending upstream to the response headers",
+            upstream_latency.clone(),
+        );
+        let time_to_first_token =
+            Family::<UpstreamLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time from admission to the first streamed body byte",
+            time_to_first_token.clone(),
+        );
+        let store_latency =
+            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(store_histogram);
+        registry.register(
+            "store_latency_seconds",
+            "Counter store call latency by operation",
+            store_latency.clone(),
+        );
+        let store_errors = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Counter store errors by operation",
+            store_errors.clone(),
+        );
+        let reservations_outstanding = Gauge::default();
+        registry.register(
+            "reservations_outstanding",
+            "Token reservations and in-flight slots currently held",
+            reservations_outstanding.clone(),
+        );
+        let counters_live = Gauge::default();
+        registry.register(
+            "counters_live",
+            "Counter windows currently held by the store",
+            counters_live.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result (success, failure)",
+            config_reloads.clone(),
+        );
+        let limit_eval_errors = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_evaluation_errors",
+            "Limits whose predicates or counters could not be evaluated",
+            limit_eval_errors.clone(),
+        );
+        let shadow_refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "shadow_refusals",
+            "Requests a shadow-mode policy would have refused",
+            shadow_refusals.clone(),
+        );
+        let stream_cutoffs = Counter::default();
+        registry.register(
+            "stream_cutoffs",
+            "Streams ended by tollgate because their budget was reached",
+            stream_cutoffs.clone(),
+        );
+        let estimated_calls = Counter::default();
+        registry.register(
+            "estimated_calls",
+            "Calls charged an estimate because no usage came",
+            estimated_calls.clone(),
+        );
+        let reservation_overshoot_tokens = Counter::default();
+        registry.register(
+            "reservation_overshoot_tokens",
+            "Tokens used beyond a reservation that had to assume a default output cap",
+            reservation_overshoot_tokens.clone(),
+        );
+        let settle_failures = Counter::default();
+        registry.register(
+            "settle_failures",
+            "Settlements the store could not record",
+            settle_failures.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            tokens,
+            upstream_latency,
+            time_to_first_token,
+            store_latency,
+            store_errors,
+            reservations_outstanding,
+            counters_live,
+            config_reloads,
+            limit_eval_errors,
+            shadow_refusals,
+            stream_cutoffs,
+            estimated_calls,
+            reservation_overshoot_tokens,
+            settle_failures,
+            models: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The model label: the name while fewer than [`MAX_MODELS`] were seen, else `other`.
+    pub fn model_label(&self, model: Option<&str>) -> String {
+        let Some(m) = model else {
+            return "-".into();
+        };
+        let mut seen = match self.models.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if seen.contains(m) {
+            return m.to_owned();
+        }
+        if seen.len() < MAX_MODELS {
+            seen.insert(m.to_owned());
+            return m.to_owned();
+        }
+        "other".into()
+    }
+
+    pub fn request(&self, route: &str, backend: &str, status: u16, decision: &str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                backend: backend.to_owned(),
+                status_class: format!("{}xx", status / 100),
+                decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn observe_store(&self, op: &str, d: Duration, ok: bool) {
+        let l = OpLabels { op: op.to_owned() };
+        self.store_latency
+            .get_or_create(&l)
+            .observe(d.as_secs_f64());
+        if !ok {
+            self.store_errors.get_or_create(&l).inc();
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_label_is_capped() {
+        let m = Metrics::new();
+        for i in 0..MAX_MODELS {
+            assert_eq!(m.model_label(Some(&format!("m{i}"))), format!("m{i}"));
+        }
+        assert_eq!(m.model_label(Some("one-too-many")), "other");
+        assert_eq!(m.model_label(Some("m3")), "m3");
+        assert_eq!(m.model_label(None), "-");
+    }
+
+    #[test]
+    fn encodes_text_format() {
+        let m = Metrics::new();
+        m.request("llm", "sim", 200, "allowed");
+        let text = m.encode();
+        assert!(text.contains("tollgate_requests_total{route=\"llm\",backend=\"sim\",status_class=\"2xx\",decision=\"allowed\"} 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

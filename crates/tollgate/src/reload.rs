@@ -1,0 +1,133 @@
+//! Hot reload: the config file is watched (its directory, so the symlink swap Kubernetes
+//! ConfigMaps do is seen too) and re-read on SIGHUP. A valid new config is compiled into
+//! a new runtime and swapped in atomically; an invalid one is refused, the old runtime
+//! keeps serving, and the reason is logged, counted and shown in `/admin/status`.
+//! Counters live in the store, keyed by policy and limit names, so limits that still
+//! exist keep their spend. Listen addresses and the storage kind need a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use crate::config;
+use crate::proxy::Gateway;
+use crate::runtime::Runtime;
+
+/// Re-read `path`; swap on success. Returns the problems when refused.
+pub fn reload(gw: &Gateway, path: &Path) -> Result<(), String> {
+    let built = config::read(path).and_then(|(_, cfg, idx)| Runtime::build(cfg, &idx));
+    match built {
+        Ok((rt, warnings)) => {
+            for w in &warnings {
+                tracing::warn!("{}: {w}", path.display());
+            }
+            let old = gw.runtime.load();
+            if rt.listen != old.listen || rt.admin_listen != old.admin_listen {
+                tracing::warn!(
+                    "listen addresses changed in the config; they take effect on restart"
+                );
+            }
+            if rt.config.storage.kind != old.config.storage.kind {
+                tracing::warn!("storage kind changed in the config; it takes effect on restart");
+            }
+            gw.swap_runtime(rt);
+            tracing::info!(config = %path.display(), "configuration reloaded");
+            Ok(())
+        }
+        Err(problems) => {
+            let msg = problems
+                .iter()
+                .filter(|p| p.severity == config::Severity::Error)
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::error!(config = %path.display(), error = %msg, "configuration refused; the previous one keeps serving");
+            gw.record_reload(Some(msg.clone()));
+            Err(msg)
+        }
+    }
+}
+
+fn digest(path: &Path) -> Option<[u8; 32]> {
+    std::fs::read(path).ok().map(|b| Sha256::digest(&b).into())
+}
+
+/// SIGHUP and file-change triggers, until `shutdown` flips.
+pub fn spawn(gw: Arc<Gateway>, path: PathBuf, mut shutdown: watch::Receiver<bool>) {
+    let (tx, mut rx) = mpsc::channel::<&'static str>(16);
+
+    #[cfg(unix)]
+    {
+        let tx = tx.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP; reload by file change only");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => { let _ = tx.send("sighup").await; }
+                    _ = shutdown.changed() => break,
+                }
+            }
+        });
+    }
+
+    // Watch the directory: editors and Kubernetes replace the file (rename/symlink swap)
+    // rather than writing it in place.
+    let watcher = {
+        use notify::{RecursiveMode, Watcher};
+        let tx = tx.clone();
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.try_send("file");
+            }
+        }) {
+            Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload on SIGHUP only");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no file watcher; reload on SIGHUP only");
+                None
+            }
+        }
+    };
+
+    tokio::spawn(async move {
+        let _watcher = watcher; // dropped (and stopped) with this task
+        let mut last = digest(&path);
+        loop {
+            let why = tokio::select! {
+                w = rx.recv() => match w { Some(w) => w, None => break },
+                _ = shutdown.changed() => break,
+            };
+            // Debounce: a save is often several events; read once things settle.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            while rx.try_recv().is_ok() {}
+            let now = digest(&path);
+            if why == "file" && now == last {
+                continue;
+            }
+            if now.is_none() {
+                tracing::warn!(config = %path.display(), "config file missing; keeping the current configuration");
+                continue;
+            }
+            last = now;
+            let _ = reload(&gw, &path);
+        }
+    });
+}

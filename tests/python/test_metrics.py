@@ -1,0 +1,59 @@
+"""/metrics parsed by the official prometheus_client OpenMetrics parser (not ours), with
+values checked after known traffic."""
+import urllib.request
+
+import openai
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def scrape(gw):
+    with urllib.request.urlopen(f"http://{gw.admin}/metrics") as r:
+        assert r.headers["content-type"].startswith("application/openmetrics-text")
+        text = r.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(families, name, suffix, **labels):
+    for s in families[name].samples:
+        if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    return None
+
+
+def test_metric_families_after_known_traffic(quickstart):
+    gold = openai.OpenAI(base_url=quickstart.base_url, api_key="iamagolduser", max_retries=0)
+    free = openai.OpenAI(base_url=quickstart.base_url, api_key="iamafreeuser", max_retries=0)
+    r = gold.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=7)
+    prompt, completion = r.usage.prompt_tokens, r.usage.completion_tokens
+    list(gold.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=3, stream=True))
+    free.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=60)
+    with pytest.raises(openai.RateLimitError):
+        free.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=quickstart.base_url, api_key="bad", max_retries=0).models.list()
+
+    m = scrape(quickstart)
+    assert sample(m, "tollgate_requests", "_total", route="llm", decision="allowed", status_class="2xx") == 3
+    assert sample(m, "tollgate_requests", "_total", route="llm", decision="limited", status_class="4xx") == 1
+    assert sample(m, "tollgate_requests", "_total", decision="unauth") == 1
+    gold_completion = sample(m, "tollgate_tokens", "_total", policy="trlp-tutorial-token-limits",
+                             limit="gold", type="completion", model=MODEL)
+    assert gold_completion == completion + 3
+    assert sample(m, "tollgate_tokens", "_total", limit="gold", type="prompt") >= prompt
+    assert sample(m, "tollgate_upstream_latency_seconds", "_count", route="llm", backend="sim") == 3
+    assert sample(m, "tollgate_time_to_first_token_seconds", "_count", route="llm") == 1
+    assert sample(m, "tollgate_reservations_outstanding", "") == 0
+    assert sample(m, "tollgate_counters_live", "") == 2
+    assert sample(m, "tollgate_store_latency_seconds", "_count", op="admit") >= 4
+    for name in ["tollgate_config_reloads", "tollgate_limit_evaluation_errors", "tollgate_store_errors",
+                 "tollgate_estimated_calls", "tollgate_stream_cutoffs"]:
+        assert name in m, name
+    # No user ids or keys as labels.
+    for fam in m.values():
+        for s in fam.samples:
+            for v in s.labels.values():
+                assert v not in ("user-1", "user-2", "iamafreeuser", "iamagolduser"), (fam.name, s)
