@@ -264,3 +264,83 @@ async fn reserve_mode_never_admits_past_the_limit_under_concurrency() {
     assert_eq!(r.headers()["x-should-retry"], "false");
     assert!(r.headers().get("retry-after").is_none());
 }
+
+#[tokio::test]
+async fn stream_cutoff_ends_cleanly_at_the_budget() {
+    let up = Upstream::start().await;
+    let cfg = config(up.addr, "after", 60).replace(
+        "    accounting: after\n",
+        "    accounting: after\n    stream_cutoff: true\n",
+    );
+    let gw = Gateway::start(&cfg);
+    // A 100-token stream against a 60-token budget: admitted (budget not spent), then
+    // ended cleanly once its cost reaches what the counter had left.
+    let (path, mut body) = body_for(SimApi::ChatCompletions, true);
+    body["max_tokens"] = json!(100);
+    let r = client()
+        .post(gw.url(path))
+        .header("authorization", "Bearer k1")
+        .header("x-sim-fault", "no-usage")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    // The event that crosses the budget was generated upstream and is charged: the
+    // overshoot is at most one event (a word here: up to 3 estimated tokens).
+    let charged = counter(&gw, "u1").await;
+    assert!(
+        charged <= 63,
+        "charged {charged}: more than one event past the 60 budget"
+    );
+    assert!(charged > 40, "charged {charged}: cut too early");
+    assert!(gw.logs().contains("stream cut off"));
+    // Anthropic streams end in their own format.
+    let (path, mut body) = body_for(SimApi::Messages, true);
+    body["max_tokens"] = json!(100);
+    let r = client()
+        .post(gw.url(path))
+        .header("authorization", "Bearer k2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(text.contains("\"stop_reason\":\"max_tokens\""), "{text}");
+    assert!(text.contains("event: message_stop"), "{text}");
+    assert!(counter(&gw, "u2").await <= 63);
+}
+
+#[tokio::test]
+async fn exact_prompt_estimate_reserves_bpe_count() {
+    let up = Upstream::start().await;
+    let cfg = config(up.addr, "reserve", 1_000_000).replace(
+        "    accounting: reserve\n",
+        "    accounting: reserve\n    prompt_estimate: exact\n",
+    );
+    let gw = Gateway::start(&cfg);
+    let (path, mut body) = body_for(SimApi::ChatCompletions, true);
+    body["max_tokens"] = json!(5);
+    body["messages"] = json!([{"role": "user", "content": "hello world ".repeat(200)}]);
+    let mut r = client()
+        .post(gw.url(path))
+        .header("authorization", "Bearer k1")
+        .header("x-sim-ms-per-token", "20")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let _ = r.chunk().await.unwrap();
+    let held: u64 = gw
+        .counters("tok/")
+        .await
+        .iter()
+        .map(|c| c["reserved"].as_u64().unwrap())
+        .sum();
+    // 400 BPE tokens of text (+ framing + 5 output) — the byte heuristic would say ~600.
+    assert!((400..=420).contains(&held), "reserved {held}");
+    while r.chunk().await.unwrap().is_some() {}
+}
