@@ -51,6 +51,13 @@ setup_venv() {
   fi
 }
 
+# Headless Chromium for the dashboard test (tests/python/test_dashboard.py): Debian's
+# browser and its matching driver, so nothing is downloaded at test time. The test fails
+# (never skips) without them.
+setup_browser() {
+  apt_install chromium chromium-driver
+}
+
 status=0
 if [ $want_rust -eq 1 ]; then
   echo "== cargo nextest run --workspace"
@@ -59,6 +66,7 @@ fi
 
 if [ $want_python -eq 1 ]; then
   setup_venv
+  setup_browser
   echo "== building tollgate for the Python tests"
   cargo build -q -p tollgate
   export TOLLGATE_BIN="$root/target/debug/tollgate"

@@ -49,9 +49,10 @@ def test_metric_families_after_known_traffic(quickstart):
     assert sample(m, "tollgate_reservations_outstanding", "") == 0
     assert sample(m, "tollgate_counters_live", "") == 2
     assert sample(m, "tollgate_store_latency_seconds", "_count", op="admit") >= 4
-    for name in ["tollgate_config_reloads", "tollgate_limit_evaluation_errors", "tollgate_store_errors",
-                 "tollgate_estimated_calls", "tollgate_stream_cutoffs"]:
-        assert name in m, name
+    assert sample(m, "tollgate_config_reloads", "_total", result="failure") == 0
+    assert sample(m, "tollgate_estimated_calls", "_total") == 0
+    assert sample(m, "tollgate_stream_cutoffs", "_total") == 0
+    assert sample(m, "tollgate_settle_failures", "_total") == 0
     # No user ids or keys as labels.
     for fam in m.values():
         for s in fam.samples:

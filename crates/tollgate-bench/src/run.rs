@@ -172,7 +172,9 @@ impl Schedule {
         };
         loop {
             let at = slots.lock().await.recv().await?;
-            if Instant::now() < self.end {
+            let now = Instant::now();
+            // A slot due just before the end and taken a moment later is still sent.
+            if now < self.end || now.saturating_duration_since(at) < END_GRACE {
                 return Some(at);
             }
             // Due during the run, but no worker was free to send it before the end.
@@ -182,6 +184,9 @@ impl Schedule {
         }
     }
 }
+
+/// How late past the end of the run a queued open-loop slot may still be sent.
+const END_GRACE: Duration = Duration::from_millis(100);
 
 /// Scheduled time of open-loop slot `k`, if it falls before `end`.
 fn slot_time(start: Instant, interval: Duration, k: u64, end: Instant) -> Option<Instant> {

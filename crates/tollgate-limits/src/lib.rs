@@ -6,7 +6,8 @@
 //!   asks of its counters ([`CounterOp`]).
 //! - [`store`]: the [`Store`] trait — atomic admission across many counters, settlement
 //!   into a named window, reservations with deadlines, inspection — and its
-//!   implementations (`memory`, later `redis`), all run through one test suite.
+//!   implementations (`memory`; `redis`, single node or cluster; `resilient`, Redis with
+//!   a local fallback), all run through one test suite.
 //!
 //! A request moves through the engine in two calls: `admit` (all counters checked and
 //! taken atomically, or nothing taken) and, when the call ends, `settle` (reservations
@@ -21,6 +22,8 @@ pub mod window;
 
 pub use counter::{CounterId, CounterKind, CounterOp, Need, Rate};
 pub use store::memory::MemoryStore;
+pub use store::redis::{RedisConfig, RedisStore};
+pub use store::resilient::{ResilientStore, StoreState};
 pub use store::{
     Admission, CounterSnapshot, CounterView, InspectFilter, Refusal, Settlement, Store, StoreError,
 };

@@ -160,6 +160,89 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     };
 }
 
+/// The counter store the config asks for: in-process memory, or Redis (single node or
+/// cluster) behind a local fallback that follows `storage.on_error`.
+fn build_store(
+    rt: &Runtime,
+) -> anyhow::Result<(Arc<dyn tollgate_limits::Store>, crate::proxy::StoreHealth)> {
+    use crate::config::{StorageKind, StoreOnError};
+    use tollgate_limits::store::resilient::OnError;
+    let grace = rt.limits.settle_grace_ms;
+    let storage = &rt.config.storage;
+    match storage.kind {
+        StorageKind::Memory => {
+            let health: crate::proxy::StoreHealth = Box::new(|| crate::proxy::StoreStatus {
+                kind: "memory",
+                healthy: true,
+                state: "healthy",
+                detail: "in-process counters".into(),
+            });
+            Ok((Arc::new(MemoryStore::new(grace)), health))
+        }
+        StorageKind::Redis => {
+            let r = storage.redis.clone().unwrap_or_default();
+            let defaults = tollgate_limits::RedisConfig::default();
+            let cfg = tollgate_limits::RedisConfig {
+                url: r.url,
+                cluster: r.cluster,
+                key_prefix: r.key_prefix.unwrap_or(defaults.key_prefix),
+                timeout_ms: r
+                    .timeout
+                    .map(|d| d.as_millis_u64())
+                    .unwrap_or(defaults.timeout_ms),
+                connect_timeout_ms: r
+                    .connect_timeout
+                    .map(|d| d.as_millis_u64())
+                    .unwrap_or(defaults.connect_timeout_ms),
+                settle_grace_ms: grace,
+                sweep_scan_interval_ms: defaults.sweep_scan_interval_ms,
+            };
+            // Lazy: the gateway starts (and follows on_error) while Redis is away, and
+            // connects by itself when it answers.
+            let primary = tollgate_limits::RedisStore::new_lazy(cfg)
+                .map_err(|e| anyhow::anyhow!("storage.redis: {e}"))?;
+            let mode = match storage.on_error {
+                StoreOnError::FailOpen => OnError::FailOpen,
+                StoreOnError::FailClosed => OnError::FailClosed,
+            };
+            let resilient = Arc::new(tollgate_limits::ResilientStore::new(
+                Arc::new(primary),
+                MemoryStore::new(grace),
+                mode,
+                storage.max_deferred_settlements.unwrap_or(100_000),
+            ));
+            let probe = resilient.clone();
+            let health: crate::proxy::StoreHealth = Box::new(move || {
+                match probe.state() {
+                tollgate_limits::StoreState::Healthy => crate::proxy::StoreStatus {
+                    kind: "redis",
+                    healthy: true,
+                    state: "healthy",
+                    detail: format!("deferred settlements: {}", probe.deferred_settlements()),
+                },
+                tollgate_limits::StoreState::Degraded { since_ms, last_error } => {
+                    crate::proxy::StoreStatus {
+                        kind: "redis",
+                        healthy: false,
+                        state: "degraded",
+                        detail: format!(
+                            "since {since_ms} ms: {last_error}; {}; deferred settlements: {}, dropped: {}",
+                            match probe.mode() {
+                                OnError::FailOpen => "serving on local counters (fail_open)",
+                                OnError::FailClosed => "refusing with 503 (fail_closed)",
+                            },
+                            probe.deferred_settlements(),
+                            probe.dropped_settlements()
+                        ),
+                    }
+                }
+            }
+            });
+            Ok((resilient, health))
+        }
+    }
+}
+
 async fn serve(
     path: PathBuf,
     listen: Option<SocketAddr>,
@@ -201,8 +284,7 @@ async fn serve(
         Some(m) => m.clone(),
         None => Arc::new(SystemClock),
     };
-    let store = Arc::new(MemoryStore::new(runtime.limits.settle_grace_ms));
-
+    let (store, store_health) = build_store(&runtime)?;
     let listen = listen.unwrap_or(runtime.listen);
     let admin_listen = admin_listen.unwrap_or(runtime.admin_listen);
     let proxy_l = TcpListener::bind(listen)
@@ -214,12 +296,6 @@ async fn serve(
     let proxy_addr = proxy_l.local_addr()?;
     let admin_addr = admin_l.local_addr()?;
 
-    let store_health: crate::proxy::StoreHealth = Box::new(|| crate::proxy::StoreStatus {
-        kind: "memory",
-        healthy: true,
-        state: "healthy",
-        detail: "in-process counters".into(),
-    });
     let admin_token = runtime.admin_token.clone();
     let gw = Arc::new(Gateway::new(
         runtime,
@@ -230,18 +306,30 @@ async fn serve(
     let (tx, rx) = watch::channel(false);
 
     // Reclaim ended windows and expired reservations; memory stays bounded.
+    // Also writes deferred settlements back after Redis returns, and says so in the logs
+    // when the store changes state.
     let sweeper = {
         let store = store.clone();
         let clock = clock.clone();
+        let gw = gw.clone();
         let mut rx = rx.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            let mut last_state = gw.store_status().state;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        use tollgate_limits::Store;
                         if let Err(e) = store.sweep(clock.now_ms()).await {
                             tracing::warn!(error = %e, "sweep failed");
+                        }
+                        let st = gw.store_status();
+                        if st.state != last_state {
+                            if st.healthy {
+                                tracing::info!(store = st.kind, detail = %st.detail, "counter store healthy again");
+                            } else {
+                                tracing::error!(store = st.kind, detail = %st.detail, "counter store degraded");
+                            }
+                            last_state = st.state;
                         }
                     }
                     _ = rx.changed() => break,
@@ -268,6 +356,9 @@ async fn serve(
     println!("tollgate listening proxy={proxy_addr} admin={admin_addr}");
     let _ = std::io::stdout().flush();
 
+    if let Some(j) = &gw.runtime.load().jwt {
+        j.spawn_refresh();
+    }
     crate::reload::spawn(gw.clone(), path.clone(), rx.clone());
     let proxy_task = tokio::spawn(crate::proxy::serve(proxy_l, gw.clone(), rx));
     shutdown_signal().await;

@@ -153,6 +153,12 @@ impl Metrics {
             counters_live.clone(),
         );
         let config_reloads = Family::<ResultLabels, Counter>::default();
+        for result in ["success", "failure"] {
+            // Present from the start, at 0, so alerts can use rate() right away.
+            let _ = config_reloads.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
         registry.register(
             "config_reloads",
             "Configuration reloads by result (success, failure)",

@@ -33,6 +33,9 @@ pub fn reload(gw: &Gateway, path: &Path) -> Result<(), String> {
             if rt.config.storage.kind != old.config.storage.kind {
                 tracing::warn!("storage kind changed in the config; it takes effect on restart");
             }
+            if let Some(j) = &rt.jwt {
+                j.spawn_refresh();
+            }
             gw.swap_runtime(rt);
             tracing::info!(config = %path.display(), "configuration reloaded");
             Ok(())

@@ -117,6 +117,8 @@ pub struct Runtime {
     pub backends: Vec<Backend>,
     /// Present when `auth` is configured.
     pub api_keys: Option<ApiKeys>,
+    /// Present when `auth.jwt` is configured.
+    pub jwt: Option<Arc<crate::auth::jwt::JwtAuth>>,
     pub policies: Vec<CompiledPolicy>,
     pub limits: Limits,
     pub access_log: bool,
@@ -136,7 +138,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn auth_configured(&self) -> bool {
-        self.api_keys.is_some()
+        self.api_keys.is_some() || self.jwt.is_some()
     }
 
     pub fn find_route(
@@ -160,6 +162,7 @@ impl Runtime {
             errors: Vec::new(),
             warnings: Vec::new(),
             reads_headers: false,
+            any_identity: cfg.auth.as_ref().is_some_and(|a| a.jwt.is_some()),
         };
         let listen = b.addr("listen", &cfg.listen);
         let admin_listen = b.addr("admin.listen", &cfg.admin.listen);
@@ -395,6 +398,16 @@ impl Runtime {
             table
         });
 
+        let jwt = match cfg.auth.as_ref().and_then(|a| a.jwt.as_ref()) {
+            None => None,
+            Some(j) => match crate::auth::jwt::JwtAuth::build(j, "auth.jwt") {
+                Ok(a) => Some(Arc::new(a)),
+                Err(problems) => {
+                    b.errors.extend(problems);
+                    None
+                }
+            },
+        };
         // Identity fields some auth source produces, for warnings on predicates.
         let identity_fields: BTreeSet<String> = cfg
             .auth
@@ -620,6 +633,7 @@ impl Runtime {
                 routes,
                 backends,
                 api_keys,
+                jwt,
                 policies,
                 limits,
                 access_log: cfg.logging.access_log.unwrap_or(true),
@@ -639,6 +653,8 @@ struct Builder {
     errors: Vec<Problem>,
     warnings: Vec<Problem>,
     reads_headers: bool,
+    /// JWT claims can carry any field: no "nobody produces this" warnings.
+    any_identity: bool,
 }
 
 impl Builder {
@@ -679,7 +695,10 @@ impl Builder {
                     }
                     if let Some(rest) = p.strip_prefix("auth.identity.") {
                         let field = rest.split('.').next().unwrap_or("");
-                        if !identity_fields.is_empty() && !identity_fields.contains(field) {
+                        if !self.any_identity
+                            && !identity_fields.is_empty()
+                            && !identity_fields.contains(field)
+                        {
                             self.warn(
                                 path,
                                 format!("`auth.identity.{field}` is produced by no configured API key identity"),

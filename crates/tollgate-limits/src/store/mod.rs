@@ -1,5 +1,6 @@
 //! The store: where counters live. Memory and Redis implement the same [`Store`] trait,
 //! and one test suite (`store::suite`) runs against every implementation.
+//! [`resilient::ResilientStore`] wraps Redis with a local memory fallback.
 //!
 //! Contract:
 //! - `admit` checks every op and, only if all pass, applies them all (commit added to the
@@ -29,6 +30,8 @@
 //!   hold the room) the soonest reservation deadline — an upper bound.
 
 pub mod memory;
+pub mod redis;
+pub mod resilient;
 #[cfg(any(test, feature = "test-suite"))]
 pub mod suite;
 

@@ -6,12 +6,58 @@
 //! [`Identity`] is what every source produces: `auth.identity` and `auth.method` in CEL.
 
 pub mod api_keys;
+pub mod jwt;
 
 use std::sync::Arc;
 
 use tollgate_limits::cel;
 
-pub use api_keys::{authenticate, digest, extract, ApiKeys, AuthOutcome, Credential};
+pub use api_keys::{digest, extract, ApiKeys, AuthOutcome, Credential};
+
+/// Why a request could not be identified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No credential at all.
+    Missing,
+    /// A credential that is not valid; the message is safe to return.
+    Invalid(&'static str),
+}
+
+/// Identify the caller from whatever the request presents. A `Bearer` credential shaped
+/// like a JWT goes to the JWT providers when there are any; anything else to the key
+/// table (`Authorization` wins over `x-api-key`).
+pub async fn identify(
+    keys: Option<&ApiKeys>,
+    jwt: Option<&jwt::JwtAuth>,
+    headers: &http::HeaderMap,
+    now_secs: u64,
+) -> Result<Option<Identity>, AuthFailure> {
+    if let (Some(j), Some(v)) = (jwt, headers.get(http::header::AUTHORIZATION)) {
+        let bearer = v.to_str().ok().map(str::trim).and_then(|s| {
+            let (scheme, rest) = s.split_once([' ', '\t'])?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+        if let Some(token) = bearer.filter(|t| jwt::looks_like_jwt(t)) {
+            return match j.verify(token, now_secs).await {
+                Ok(id) => Ok(Some(id)),
+                Err(e) => Err(AuthFailure::Invalid(e.message())),
+            };
+        }
+    }
+    match keys {
+        Some(keys) => match api_keys::authenticate(headers, keys) {
+            Ok(id) => Ok(id),
+            Err(AuthOutcome::Missing) => Err(AuthFailure::Missing),
+            Err(AuthOutcome::Invalid) => Err(AuthFailure::Invalid("Incorrect API key provided.")),
+        },
+        None if headers.contains_key(http::header::AUTHORIZATION)
+            || headers.contains_key("x-api-key") =>
+        {
+            Err(AuthFailure::Invalid("Invalid bearer token."))
+        }
+        None => Ok(None),
+    }
+}
 
 /// The caller, as CEL sees it in `auth`.
 #[derive(Debug, Clone)]

@@ -134,6 +134,38 @@ impl Default for AdminConfig {
 pub enum StorageKind {
     #[default]
     Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreOnError {
+    /// Keep serving on local (per-replica) counters while Redis is away.
+    #[default]
+    FailOpen,
+    /// Answer 503 with `retry-after` while Redis is away.
+    FailClosed,
+}
+
+/// `storage.redis`: where the shared counters live.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStorageConfig {
+    /// A single node, e.g. `redis://127.0.0.1:6379`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Redis Cluster seed nodes.
+    #[serde(default)]
+    pub cluster: Option<Vec<String>>,
+    /// First part of every key (default `tollgate`).
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    /// Bound on every Redis call (default 50ms).
+    #[serde(default)]
+    pub timeout: Option<ConfigDuration>,
+    /// Bound on connecting (default 1s).
+    #[serde(default)]
+    pub connect_timeout: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -141,6 +173,14 @@ pub enum StorageKind {
 pub struct StorageConfig {
     #[serde(default)]
     pub kind: StorageKind,
+    #[serde(default)]
+    pub redis: Option<RedisStorageConfig>,
+    #[serde(default)]
+    pub on_error: StoreOnError,
+    /// Settlements kept while Redis is away, written back on reconnection (default
+    /// 100000); beyond, the oldest are dropped, counted and logged.
+    #[serde(default)]
+    pub max_deferred_settlements: Option<usize>,
     /// How long after its window ended a counter still accepts settlements (default 5m).
     #[serde(default)]
     pub settle_grace: Option<ConfigDuration>,
@@ -297,6 +337,8 @@ pub struct RouteConfig {
 pub struct AuthConfig {
     #[serde(default)]
     pub api_keys: Option<ApiKeysConfig>,
+    #[serde(default)]
+    pub jwt: Option<crate::auth::jwt::JwtConfig>,
     /// CEL predicates that must all hold for an authenticated call, else 403
     /// (`permission_denied`), e.g. `request.model in auth.identity.llms.openai`.
     #[serde(default)]

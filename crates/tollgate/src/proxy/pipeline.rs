@@ -32,7 +32,7 @@ use super::path::canonicalize;
 use super::ratelimit_headers;
 use super::upstream::{downstream_headers, host_header, upstream_headers};
 use super::Gateway;
-use crate::auth::{self, AuthOutcome, Identity};
+use crate::auth::{self, AuthFailure, Identity};
 use crate::config::RouteAuth;
 use crate::runtime::{BackendTarget, Route, Runtime};
 
@@ -138,7 +138,7 @@ where
             return Err((Some(cx), e));
         }
     }
-    if let Err(e) = authenticate(rt, route, &mut cx, &parts.headers) {
+    if let Err(e) = authenticate(gw, rt, route, &mut cx, &parts.headers).await {
         return Err((Some(cx), e));
     }
     if cx.api.is_some() {
@@ -166,17 +166,18 @@ async fn usage_report(
     mut cx: RequestContext,
     headers: &HeaderMap,
 ) -> Result<Response<ProxyBody>, Failed> {
-    if let Some(keys) = rt.api_keys.as_ref() {
-        match auth::authenticate(headers, keys) {
+    if rt.auth_configured() {
+        let now_s = gw.clock.now_ms() / 1000;
+        match auth::identify(rt.api_keys.as_ref(), rt.jwt.as_deref(), headers, now_s).await {
             Ok(Some(id)) => cx.identity = id,
-            Ok(None) | Err(AuthOutcome::Missing) => {
-                return Err((Some(cx), GatewayError::Unauthenticated("Missing API key.")))
-            }
-            Err(AuthOutcome::Invalid) => {
+            Ok(None) | Err(AuthFailure::Missing) => {
                 return Err((
                     Some(cx),
-                    GatewayError::Unauthenticated("Incorrect API key provided."),
+                    GatewayError::Unauthenticated("Missing credentials."),
                 ))
+            }
+            Err(AuthFailure::Invalid(msg)) => {
+                return Err((Some(cx), GatewayError::Unauthenticated(msg)))
             }
         }
     }
@@ -389,30 +390,26 @@ fn route<'a>(rt: &'a Runtime, cx: &mut RequestContext) -> Result<&'a Route, Gate
 }
 
 /// Phase 3: who is calling.
-fn authenticate(
+async fn authenticate(
+    gw: &Gateway,
     rt: &Runtime,
     route: &Route,
     cx: &mut RequestContext,
     headers: &HeaderMap,
 ) -> Result<(), GatewayError> {
-    let Some(keys) = rt.api_keys.as_ref() else {
-        return Ok(());
-    };
-    if route.auth == RouteAuth::None {
+    if !rt.auth_configured() || route.auth == RouteAuth::None {
         return Ok(());
     }
-    match auth::authenticate(headers, keys) {
+    match auth::identify(rt.api_keys.as_ref(), rt.jwt.as_deref(), headers, gw.clock.now_ms() / 1000).await {
         Ok(Some(id)) => {
             cx.identity = id;
             Ok(())
         }
-        Ok(None) if route.auth == RouteAuth::Optional => Ok(()),
-        Ok(None) | Err(AuthOutcome::Missing) => Err(GatewayError::Unauthenticated(
-            "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+        Ok(None) | Err(AuthFailure::Missing) if route.auth == RouteAuth::Optional => Ok(()),
+        Ok(None) | Err(AuthFailure::Missing) => Err(GatewayError::Unauthenticated(
+            "Missing credentials: send 'Authorization: Bearer <key or token>' or 'x-api-key: <key>'.",
         )),
-        Err(AuthOutcome::Invalid) => {
-            Err(GatewayError::Unauthenticated("Incorrect API key provided."))
-        }
+        Err(AuthFailure::Invalid(msg)) => Err(GatewayError::Unauthenticated(msg)),
     }
 }
 
@@ -814,7 +811,7 @@ where
         ));
     };
     let forward_credentials = backend.forward_client_credentials
-        && (rt.api_keys.is_none() || route.auth == RouteAuth::None);
+        && (!rt.auth_configured() || route.auth == RouteAuth::None);
     let mut up_headers = upstream_headers(&parts.headers, backend, forward_credentials);
 
     // A stream without include_usage gets it upstream; the usage chunk is removed again

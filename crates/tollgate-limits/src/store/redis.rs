@@ -1,0 +1,1261 @@
+//! Redis store: counters shared by every replica, with the memory store's semantics
+//! (the shared suite proves it against a single node and a 3-node cluster).
+//!
+//! - [`keys`]: key layout, hash tags, cluster slots (CRC16).
+//! - [`scripts`]: the Lua scripts — admission, settlement, cluster compensation, sweep,
+//!   inspection, reset — documented KEYS/ARGV each.
+//! - here: connection handling, timeouts, turning script replies into snapshots and
+//!   retry-afters (exact `u64` math, as in `memory.rs`), the per-replica gauge.
+//!
+//! A request costs one round trip to admit and one to settle: a single script call on a
+//! single node, one per slot (sent concurrently) on a cluster. Calls from all requests
+//! share one multiplexed connection (per node), so they are pipelined; there is no
+//! connection per request. Every call is bounded by `timeout_ms`
+//! ([`StoreError::Timeout`]); a connection that cannot be made is
+//! [`StoreError::Unavailable`].
+//!
+//! **Atomicity.** On a single node every key carries the same hash tag and one script
+//! checks and takes all of a request's counters: all-or-nothing, atomically. On a
+//! cluster each counter carries its own tag, so counters spread over the shards. Within
+//! one slot the same script keeps the same guarantee. Across slots, admission runs one
+//! script per slot concurrently; if any slot refuses (or fails), the slots that admitted
+//! are compensated by a rollback script that releases the reservation and takes back the
+//! commits. The result is all-or-nothing *by compensation*: a concurrent observer may
+//! briefly see the partial take (and so be refused by a counter that is about to be
+//! given back), and if the rollback itself cannot reach a node, that node's holds are
+//! released at their deadline while its commits stay counted (errs toward refusing).
+//! Settlement is one script per slot; each counter's settlement is atomic.
+//!
+//! **Time.** Scripts use the engine's `now`, never Redis `TIME`, so every replica and the
+//! injected test clock agree. Window starts and ends are computed here with [`Window`]
+//! and passed in. Key expiry (`PEXPIREAT`, set on every write) is absolute milliseconds
+//! of that clock: with a test clock far from real time keys expire early or late; the
+//! scripts judge "past its grace" by `now` themselves, so only early expiry (a clock in
+//! the real past) loses state. The shared suite runs at the next real UTC midnight, so
+//! its keys outlive it.
+//!
+//! **Numbers.** Lua numbers are doubles: values, limits and deadlines are capped at
+//! 2^53 - 1 on the way in ([`MAX_EXACT`]). A bucket's deficit is kept in 1/period token
+//! units, so its debt saturates at 2^53 / period ms (≈10^8 tokens for a one-day period);
+//! changing a bucket's period is exact for periods up to ~26 h.
+//!
+//! **Gauge.** [`Store::outstanding_reservations`] is this replica's: holds admitted
+//! through this `RedisStore` and neither settled nor past their deadline (or, for a
+//! window, past its grace). Other replicas' holds are not counted.
+
+mod keys;
+mod scripts;
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex, PoisonError};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::{ClusterClient, ClusterConfig};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
+use ::redis::{Client, FromRedisValue, RedisError, RedisResult, Script, ScriptInvocation, Value};
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use serde::Deserialize;
+
+use self::keys::{holds_key, CounterKeys, KeySpace};
+use super::{
+    Admission, CounterSnapshot, CounterView, InspectFilter, Refusal, ReservationId, Settlement,
+    Store, StoreError, SweepStats,
+};
+use crate::counter::{CounterId, CounterKind, CounterOp, Need, Rate};
+use crate::time::Millis;
+
+/// Largest integer the scripts hold exactly (Lua numbers are doubles).
+pub const MAX_EXACT: u64 = (1 << 53) - 1;
+
+/// How many keys one SCAN page asks for, and how many inspection/sweep scripts are in
+/// flight at once.
+const SCAN_COUNT: u64 = 1_000;
+const BATCH: usize = 64;
+
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::ADMIT));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::SETTLE));
+static ROLLBACK: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::ROLLBACK));
+static SWEEP: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::SWEEP));
+static VIEW: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::VIEW));
+static RESET: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::RESET));
+
+/// Where Redis is and how long to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// A single node, e.g. `redis://127.0.0.1:6379/0` (`rediss://` needs a TLS feature
+    /// of the `redis` crate, not enabled). Ignored when `cluster` is set; when neither is,
+    /// `redis://127.0.0.1:6379`.
+    pub url: Option<String>,
+    /// Redis Cluster seed nodes (`redis://host:port`); the topology is discovered.
+    pub cluster: Option<Vec<String>>,
+    /// First part of every key (inside the hash tag): non-empty, no `{` or `}`. Give
+    /// each deployment (and each test run on a shared server) its own.
+    pub key_prefix: String,
+    /// Bound on every call (admission, settlement, each page of inspect/sweep/reset).
+    pub timeout_ms: u64,
+    /// Bound on [`RedisStore::connect`].
+    pub connect_timeout_ms: u64,
+    /// How long ended windows are kept for late settlements (as `MemoryStore::new`).
+    /// Make it at least the longest call the gateway allows.
+    pub settle_grace_ms: u64,
+    /// `sweep` walks the whole keyspace (SCAN) at most this often, by the engine clock;
+    /// in between it only updates this replica's gauge. Admissions release due holds of
+    /// the counters they touch anyway, and keys expire by themselves, so the walk only
+    /// tidies counters nobody uses any more.
+    pub sweep_scan_interval_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            cluster: None,
+            key_prefix: "tollgate".to_owned(),
+            timeout_ms: 50,
+            connect_timeout_ms: 1_000,
+            settle_grace_ms: 300_000,
+            sweep_scan_interval_ms: 60_000,
+        }
+    }
+}
+
+/// Counts for metrics (this replica's, since start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RedisStats {
+    /// Holds this replica admitted and has not seen settled or expired.
+    pub outstanding_reservations: u64,
+    /// Settlements whose window was past its grace, and the units they carried.
+    pub settlements_dropped: u64,
+    pub units_dropped: u64,
+    /// Cluster admissions undone because another slot refused or failed.
+    pub rollbacks: u64,
+    /// Rollbacks that could not be written (their holds expire at their deadline).
+    pub rollbacks_failed: u64,
+}
+
+/// The Redis implementation of [`Store`]. Cheap to share behind an `Arc`; all requests
+/// use its one multiplexed connection.
+pub struct RedisStore {
+    keys: KeySpace,
+    cluster: bool,
+    timeout: Duration,
+    timeout_ms: u64,
+    grace: u64,
+    scan_interval: u64,
+    /// Engine time of the last keyspace walk by `sweep` (`u64::MAX`: never).
+    last_scan: AtomicU64,
+    target: Target,
+    conn: tokio::sync::OnceCell<Conn>,
+    book: Mutex<HoldBook>,
+    outstanding: AtomicU64,
+    tallies: Tallies,
+}
+
+#[derive(Debug, Default)]
+struct Tallies {
+    settlements_dropped: AtomicU64,
+    units_dropped: AtomicU64,
+    rollbacks: AtomicU64,
+    rollbacks_failed: AtomicU64,
+}
+
+enum Target {
+    Single(Client, ConnectionManagerConfig),
+    Cluster(ClusterClient, Duration),
+}
+
+/// One multiplexed connection (per node, for a cluster); clones share it.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl RedisStore {
+    /// Connect now. Fails with [`StoreError::Unavailable`] within `connect_timeout_ms`
+    /// when Redis cannot be reached. Once connected, connections are re-established in
+    /// the background after failures.
+    pub async fn connect(cfg: RedisConfig) -> Result<RedisStore, StoreError> {
+        let store = Self::new_lazy(cfg)?;
+        let wait = Duration::from_millis(store_connect_timeout(&store));
+        let conn = match tokio::time::timeout(wait, store.open(true)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(StoreError::Unavailable(e.to_string())),
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "could not connect within {} ms",
+                    wait.as_millis()
+                )))
+            }
+        };
+        // The cell was empty: nobody else has the store yet.
+        let _ = store.conn.set(conn);
+        Ok(store)
+    }
+
+    /// A store that connects on first use and keeps reconnecting in the background, so
+    /// the gateway can start while Redis is down (calls fail fast meanwhile). Only the
+    /// configuration is checked here.
+    pub fn new_lazy(cfg: RedisConfig) -> Result<RedisStore, StoreError> {
+        let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+        let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms.max(1));
+        let bad = |e: RedisError| StoreError::Unavailable(format!("redis config: {e}"));
+        keys::check_prefix(&cfg.key_prefix)
+            .map_err(|e| StoreError::Unavailable(format!("redis config: {e}")))?;
+        let (target, cluster) = match cfg.cluster.as_deref() {
+            Some(nodes) if !nodes.is_empty() => {
+                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(timeout)
+                    .retries(3)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .build()
+                    .map_err(bad)?;
+                (Target::Cluster(client, connect_timeout), true)
+            }
+            _ => {
+                let url = cfg.url.as_deref().unwrap_or("redis://127.0.0.1:6379");
+                let client = Client::open(url).map_err(bad)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(1))
+                    .set_number_of_retries(6);
+                (Target::Single(client, config), false)
+            }
+        };
+        Ok(RedisStore {
+            keys: KeySpace::new(&cfg.key_prefix, cluster),
+            cluster,
+            timeout,
+            timeout_ms: cfg.timeout_ms.max(1),
+            grace: cfg.settle_grace_ms,
+            scan_interval: cfg.sweep_scan_interval_ms,
+            last_scan: AtomicU64::new(u64::MAX),
+            target,
+            conn: tokio::sync::OnceCell::new(),
+            book: Mutex::new(HoldBook::default()),
+            outstanding: AtomicU64::new(0),
+            tallies: Tallies::default(),
+        })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    pub fn settle_grace_ms(&self) -> u64 {
+        self.grace
+    }
+
+    pub fn stats(&self) -> RedisStats {
+        RedisStats {
+            outstanding_reservations: self.outstanding.load(Ordering::Relaxed),
+            settlements_dropped: self.tallies.settlements_dropped.load(Ordering::Relaxed),
+            units_dropped: self.tallies.units_dropped.load(Ordering::Relaxed),
+            rollbacks: self.tallies.rollbacks.load(Ordering::Relaxed),
+            rollbacks_failed: self.tallies.rollbacks_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A cheap round trip (every node of a cluster), for readiness probes.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        let cmd = ::redis::cmd("PING");
+        self.bounded(async move {
+            match conn {
+                Conn::Single(mut c) => c.req_packed_command(&cmd).await.map(drop),
+                Conn::Cluster(mut c) => c
+                    .route_command(
+                        cmd,
+                        RoutingInfo::MultiNode((
+                            MultipleNodeRoutingInfo::AllMasters,
+                            Some(ResponsePolicy::AllSucceeded),
+                        )),
+                    )
+                    .await
+                    .map(drop),
+            }
+        })
+        .await
+    }
+
+    /// The Redis keys (state hash, holds set) a counter-window lives in, and its cluster
+    /// slot — for operators and tests.
+    pub fn keys_of(&self, op: &CounterOp, window_start: Millis) -> (String, String, u16) {
+        let k = self.keys.for_op(op, window_start);
+        let slot = keys::slot(k.state.as_bytes());
+        (k.state, k.holds, slot)
+    }
+
+    async fn open(&self, eager: bool) -> RedisResult<Conn> {
+        match &self.target {
+            Target::Single(client, config) => {
+                if eager {
+                    ConnectionManager::new_with_config(client.clone(), config.clone())
+                        .await
+                        .map(Conn::Single)
+                } else {
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                        .map(Conn::Single)
+                }
+            }
+            Target::Cluster(client, connect_timeout) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(*connect_timeout)
+                    .set_response_timeout(self.timeout);
+                if eager {
+                    client
+                        .get_async_connection_with_config(config)
+                        .await
+                        .map(Conn::Cluster)
+                } else {
+                    Ok(Conn::Cluster(
+                        client.get_pending_async_connection_with_config(config),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The shared connection, created lazily (connecting in the background) on first use.
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.conn
+            .get_or_try_init(|| self.open(false))
+            .await
+            .cloned()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    async fn bounded<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(store_error(e, self.timeout_ms)),
+            Err(_) => Err(StoreError::Timeout(self.timeout_ms)),
+        }
+    }
+
+    /// Ops (or settlements) grouped by the slot of their keys, in order of first
+    /// appearance: one group on a single node.
+    fn group(&self, keys: &[CounterKeys]) -> Vec<Vec<usize>> {
+        if !self.cluster {
+            return if keys.is_empty() {
+                Vec::new()
+            } else {
+                vec![(0..keys.len()).collect()]
+            };
+        }
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let slot = keys::slot(k.state.as_bytes());
+            match groups.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((slot, vec![i])),
+            }
+        }
+        groups.into_iter().map(|(_, members)| members).collect()
+    }
+
+    fn prune(&self, now: Millis) {
+        let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+        if book.prune(now) > 0 {
+            self.outstanding
+                .store(book.live.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Run `invocations` concurrently, each bounded, all within one timeout.
+    async fn run_all<T: FromRedisValue>(
+        &self,
+        conn: &Conn,
+        invocations: Vec<ScriptInvocation<'static>>,
+    ) -> Vec<Result<T, StoreError>> {
+        let calls = invocations.iter().map(|inv| {
+            let conn = conn.clone();
+            async move { self.bounded(conn.invoke::<T>(inv)).await }
+        });
+        join_all(calls).await
+    }
+
+    /// Undo the admissions of the groups that admitted (cluster compensation).
+    async fn roll_back(
+        &self,
+        conn: &Conn,
+        plans: &[OpPlan],
+        groups: &[&Vec<usize>],
+        reservation: ReservationId,
+    ) {
+        let invocations = groups
+            .iter()
+            .map(|members| {
+                let mut inv = ROLLBACK.prepare_invoke();
+                inv.arg(reservation.0).arg(members.len());
+                for &i in members.iter() {
+                    if let Some(p) = plans.get(i) {
+                        inv.key(&p.keys.state).key(&p.keys.holds);
+                        inv.arg(p.ty).arg(p.commit);
+                    }
+                }
+                inv
+            })
+            .collect();
+        for result in self.run_all::<i64>(conn, invocations).await {
+            self.tallies.rollbacks.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = result {
+                self.tallies
+                    .rollbacks_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "redis store: cluster rollback failed; holds expire at their deadline, commits stay counted");
+            }
+        }
+    }
+
+    /// Every key matching `pattern` of `kind` (`hash`, `zset`): on a cluster, every
+    /// master is scanned (or only the one serving `slot`).
+    async fn scan(
+        &self,
+        conn: &Conn,
+        pattern: &str,
+        kind: &str,
+        slot: Option<u16>,
+    ) -> Result<Vec<String>, StoreError> {
+        let nodes: Vec<Option<u16>> = match (conn, slot) {
+            (Conn::Single(_), _) => vec![None],
+            (Conn::Cluster(_), Some(slot)) => vec![Some(slot)],
+            (Conn::Cluster(c), None) => self.master_slots(c).await?.into_iter().map(Some).collect(),
+        };
+        let mut found = Vec::new();
+        for node in nodes {
+            let mut cursor = 0u64;
+            loop {
+                let mut cmd = ::redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .arg("TYPE")
+                    .arg(kind);
+                let conn = conn.clone();
+                let (next, keys): (u64, Vec<String>) = self
+                    .bounded(async move {
+                        let value = match (conn, node) {
+                            (Conn::Single(mut c), _) => c.req_packed_command(&cmd).await?,
+                            (Conn::Cluster(mut c), node) => {
+                                let route = Route::new(node.unwrap_or(0), SlotAddr::Master);
+                                c.route_command(
+                                    cmd,
+                                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                                        route,
+                                    )),
+                                )
+                                .await?
+                            }
+                        };
+                        <(u64, Vec<String>)>::from_redis_value(value).map_err(RedisError::from)
+                    })
+                    .await?;
+                found.extend(keys);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        Ok(found)
+    }
+
+    /// One slot served by each master (from `CLUSTER SLOTS`), to route SCAN by.
+    async fn master_slots(&self, conn: &ClusterConnection) -> Result<Vec<u16>, StoreError> {
+        let mut conn = conn.clone();
+        let value = self
+            .bounded(async move {
+                conn.route_command(
+                    ::redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                )
+                .await
+            })
+            .await?;
+        let mut masters: Vec<(Vec<u8>, i64, u16)> = Vec::new();
+        let Value::Array(ranges) = value else {
+            return Err(StoreError::Protocol("CLUSTER SLOTS: not an array".into()));
+        };
+        for range in ranges {
+            let Value::Array(parts) = range else { continue };
+            let (Some(Value::Int(start)), Some(Value::Array(master))) =
+                (parts.first(), parts.get(2))
+            else {
+                continue;
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(h)) => h.clone(),
+                Some(Value::SimpleString(h)) => h.clone().into_bytes(),
+                _ => continue,
+            };
+            let port = match master.get(1) {
+                Some(Value::Int(p)) => *p,
+                _ => continue,
+            };
+            let Ok(start) = u16::try_from(*start) else {
+                continue;
+            };
+            if !masters.iter().any(|(h, p, _)| *h == host && *p == port) {
+                masters.push((host, port, start));
+            }
+        }
+        Ok(masters.into_iter().map(|(_, _, slot)| slot).collect())
+    }
+
+    /// Run a one-key script over `keys` (state hashes), `BATCH` at a time.
+    async fn per_key<T: FromRedisValue>(
+        &self,
+        conn: &Conn,
+        script: &'static Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(BATCH) {
+            let invocations = chunk
+                .iter()
+                .map(|k| {
+                    let mut inv = script.prepare_invoke();
+                    inv.key(k).key(holds_key(k));
+                    for a in args {
+                        inv.arg(a);
+                    }
+                    inv
+                })
+                .collect();
+            for (k, r) in chunk.iter().zip(self.run_all::<T>(conn, invocations).await) {
+                out.push((k.clone(), r?));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn store_connect_timeout(store: &RedisStore) -> u64 {
+    match &store.target {
+        Target::Single(_, config) => config
+            .connection_timeout()
+            .map_or(1_000, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        Target::Cluster(_, d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+impl Conn {
+    async fn invoke<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> RedisResult<T> {
+        match self.clone() {
+            Conn::Single(mut c) => inv.invoke_async(&mut c).await,
+            Conn::Cluster(mut c) => inv.invoke_async(&mut c).await,
+        }
+    }
+}
+
+fn store_error(e: RedisError, timeout_ms: u64) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::Timeout(timeout_ms);
+    }
+    let transient = matches!(
+        e.code(),
+        Some("LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN" | "READONLY")
+    );
+    if transient
+        || e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+        || e.is_cluster_error()
+    {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Protocol(e.to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The per-replica gauge.
+
+/// Holds this replica admitted, until settled or expired. Keyed by (reservation, state
+/// key): a counter named twice in one request is one hold, as in the memory store.
+#[derive(Debug, Default)]
+struct HoldBook {
+    live: HashMap<(u64, String), (Millis, CounterId)>,
+    by_expiry: BTreeSet<(Millis, u64, String)>,
+}
+
+impl HoldBook {
+    fn insert(&mut self, reservation: u64, state: &str, expiry: Millis, id: &CounterId) {
+        let key = (reservation, state.to_owned());
+        if let Some((old, _)) = self.live.get(&key).cloned() {
+            if old >= expiry {
+                return;
+            }
+            self.by_expiry.remove(&(old, reservation, state.to_owned()));
+        }
+        self.by_expiry
+            .insert((expiry, reservation, state.to_owned()));
+        self.live.insert(key, (expiry, id.clone()));
+    }
+
+    fn remove(&mut self, reservation: u64, state: &str) {
+        if let Some((expiry, _)) = self.live.remove(&(reservation, state.to_owned())) {
+            self.by_expiry
+                .remove(&(expiry, reservation, state.to_owned()));
+        }
+    }
+
+    /// Forget holds expired at `now`. Returns how many.
+    fn prune(&mut self, now: Millis) -> usize {
+        let mut n = 0;
+        while let Some(first) = self.by_expiry.first() {
+            if first.0 > now {
+                break;
+            }
+            if let Some((_, r, s)) = self.by_expiry.pop_first() {
+                self.live.remove(&(r, s));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn forget_counter(&mut self, id: &CounterId) {
+        let gone: Vec<(u64, String)> = self
+            .live
+            .iter()
+            .filter(|(_, (_, c))| c == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (r, s) in gone {
+            self.remove(r, &s);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Admission and settlement plans: what Rust computes before the scripts run.
+
+/// One op as the scripts see it.
+#[derive(Debug)]
+struct OpPlan {
+    keys: CounterKeys,
+    ty: &'static str,
+    window_start: Millis,
+    window_end: Millis,
+    commit: u64,
+    /// What this op holds if admitted (0: nothing).
+    held: u64,
+}
+
+fn type_code(rate: &Rate) -> &'static str {
+    match rate {
+        Rate::Fixed { .. } => "f",
+        Rate::Bucket { .. } => "b",
+        Rate::Concurrency { .. } => "c",
+    }
+}
+
+fn kind_code(kind: CounterKind) -> &'static str {
+    match kind {
+        CounterKind::Tokens => "t",
+        CounterKind::Requests => "r",
+        CounterKind::InFlight => "i",
+    }
+}
+
+fn kind_from(code: Option<&str>) -> CounterKind {
+    match code {
+        Some("r") => CounterKind::Requests,
+        Some("i") => CounterKind::InFlight,
+        _ => CounterKind::Tokens,
+    }
+}
+
+fn exact(x: u64) -> u64 {
+    x.min(MAX_EXACT)
+}
+
+/// The script's `limit`, `p` and `q` arguments for a rate (see [`scripts::ADMIT`]).
+fn rate_args(rate: &Rate, window_start: Millis, window_end: Millis) -> (u64, u64, u64) {
+    match *rate {
+        Rate::Fixed { limit, .. } => (exact(limit), window_start, window_end),
+        Rate::Bucket {
+            limit,
+            per_ms,
+            burst,
+        } => (exact(limit), exact(per_ms.max(1)), exact(burst)),
+        Rate::Concurrency { limit } => (exact(limit), 0, 0),
+    }
+}
+
+/// What one op's script reply says.
+#[derive(Debug, Clone, Copy)]
+struct OpReply {
+    passed: bool,
+    /// Fixed: value; bucket: deficit in 1/per_ms token.
+    raw: u64,
+    reserved: u64,
+    soonest: Option<Millis>,
+}
+
+fn parse_admit(reply: &[i64], n: usize) -> Result<(bool, Vec<OpReply>), StoreError> {
+    let bad = || StoreError::Protocol(format!("admission script: unexpected reply {reply:?}"));
+    if reply.len() != 2 + 4 * n {
+        return Err(bad());
+    }
+    let admitted = reply.first().copied().ok_or_else(bad)? == 1;
+    let ops = reply
+        .get(2..)
+        .unwrap_or_default()
+        .chunks_exact(4)
+        .map(|c| match *c {
+            [passed, raw, reserved, soonest] => OpReply {
+                passed: passed == 1,
+                raw: u64::try_from(raw).unwrap_or(0),
+                reserved: u64::try_from(reserved).unwrap_or(0),
+                soonest: u64::try_from(soonest).ok(),
+            },
+            _ => OpReply {
+                passed: false,
+                raw: 0,
+                reserved: 0,
+                soonest: None,
+            },
+        })
+        .collect();
+    Ok((admitted, ops))
+}
+
+/// Milliseconds until a bucket with `deficit` (1/per_ms token units) refilling `limit`
+/// per ms has at most `tokens` missing (`None`: it never refills). As in `memory.rs`.
+fn bucket_wait(deficit: u64, per_ms: u64, limit: u64, tokens: u64) -> Option<u64> {
+    let target = tokens.saturating_mul(per_ms);
+    if deficit <= target {
+        return Some(0);
+    }
+    if limit == 0 {
+        return None;
+    }
+    Some((deficit - target).div_ceil(limit))
+}
+
+/// The snapshot, and for a refused op its retry-after (`Some(None)`: never), exactly as
+/// `memory.rs` computes them.
+fn judge(
+    now: Millis,
+    op: &CounterOp,
+    plan: &OpPlan,
+    reply: &OpReply,
+    earlier: u64,
+) -> (CounterSnapshot, Option<Option<u64>>) {
+    let soonest_release = || reply.soonest.map(|d| d.saturating_sub(now));
+    let (snapshot, bucket) = match op.rate {
+        Rate::Fixed { limit, .. } => (
+            CounterSnapshot {
+                limit,
+                value: reply.raw,
+                reserved: reply.reserved,
+                window_start: plan.window_start,
+                reset_at: plan.window_end,
+            },
+            None,
+        ),
+        Rate::Bucket {
+            limit,
+            per_ms,
+            burst,
+        } => {
+            let per_ms = per_ms.max(1);
+            let deficit = reply.raw;
+            (
+                CounterSnapshot {
+                    limit: limit.saturating_add(burst),
+                    value: deficit.div_ceil(per_ms),
+                    reserved: reply.reserved,
+                    window_start: 0,
+                    reset_at: bucket_wait(deficit, per_ms, limit, 0)
+                        .map_or(Millis::MAX, |w| now.saturating_add(w)),
+                },
+                Some((deficit, per_ms, limit)),
+            )
+        }
+        Rate::Concurrency { limit } => (
+            CounterSnapshot {
+                limit,
+                value: 0,
+                reserved: reply.reserved,
+                window_start: 0,
+                reset_at: now,
+            },
+            None,
+        ),
+    };
+    if reply.passed {
+        return (snapshot, None);
+    }
+    let limit = snapshot.limit;
+    let alone = match op.need {
+        Need::Room => 1,
+        Need::Fits => op.commit.saturating_add(op.reserve),
+    };
+    let retry = if alone.saturating_add(earlier) > limit {
+        None
+    } else {
+        match (op.rate, bucket) {
+            (Rate::Fixed { .. }, _) => Some(snapshot.reset_at.saturating_sub(now)),
+            (Rate::Bucket { .. }, Some((deficit, per_ms, refill))) => {
+                let free_needed = snapshot
+                    .reserved
+                    .saturating_add(earlier)
+                    .saturating_add(alone);
+                match limit.checked_sub(free_needed) {
+                    Some(spent_allowed) => bucket_wait(deficit, per_ms, refill, spent_allowed),
+                    None => soonest_release(),
+                }
+            }
+            _ => soonest_release(),
+        }
+    };
+    (snapshot, Some(retry.map(|ms| ms.max(1))))
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn admit(
+        &self,
+        now: Millis,
+        ops: &[CounterOp],
+        reservation: ReservationId,
+        deadline: Millis,
+    ) -> Result<Admission, StoreError> {
+        self.prune(now);
+        if ops.is_empty() {
+            return Ok(Admission::Admitted {
+                snapshots: Vec::new(),
+            });
+        }
+        let deadline = exact(deadline);
+        let plans: Vec<OpPlan> = ops
+            .iter()
+            .map(|op| {
+                let (window_start, window_end) = match op.rate {
+                    Rate::Fixed { window, .. } => (window.start(now), window.end(now)),
+                    _ => (0, 0),
+                };
+                let amount = match op.rate {
+                    Rate::Concurrency { .. } => op.commit.saturating_add(op.reserve),
+                    _ => op.reserve,
+                };
+                OpPlan {
+                    keys: self.keys.for_op(op, window_start),
+                    ty: type_code(&op.rate),
+                    window_start,
+                    window_end,
+                    commit: exact(op.commit),
+                    held: if deadline > now { exact(amount) } else { 0 },
+                }
+            })
+            .collect();
+        // Units this request's earlier ops take from the same counter.
+        let earlier: Vec<u64> = ops
+            .iter()
+            .enumerate()
+            .map(|(k, op)| {
+                ops.iter()
+                    .take(k)
+                    .filter(|o| o.id == op.id)
+                    .fold(0u64, |acc, o| {
+                        acc.saturating_add(o.commit.saturating_add(o.reserve))
+                    })
+            })
+            .collect();
+        let keys: Vec<CounterKeys> = plans.iter().map(|p| p.keys.clone()).collect();
+        let groups = self.group(&keys);
+        let invocations = groups
+            .iter()
+            .map(|members| {
+                let mut inv = ADMIT.prepare_invoke();
+                inv.arg(now)
+                    .arg(reservation.0)
+                    .arg(deadline)
+                    .arg(self.grace)
+                    .arg(members.len());
+                for &i in members {
+                    let (Some(op), Some(plan)) = (ops.get(i), plans.get(i)) else {
+                        continue;
+                    };
+                    let (limit, p, q) = rate_args(&op.rate, plan.window_start, plan.window_end);
+                    inv.key(&plan.keys.state).key(&plan.keys.holds);
+                    inv.arg(plan.ty)
+                        .arg(op.id.as_str())
+                        .arg(kind_code(op.kind))
+                        .arg(match op.need {
+                            Need::Room => "room",
+                            Need::Fits => "fits",
+                        })
+                        .arg(plan.commit)
+                        .arg(exact(op.reserve))
+                        .arg(limit)
+                        .arg(exact(earlier.get(i).copied().unwrap_or(0)))
+                        .arg(p)
+                        .arg(q);
+                }
+                inv
+            })
+            .collect();
+        let conn = self.conn().await?;
+        let results = self.run_all::<Vec<i64>>(&conn, invocations).await;
+
+        let mut replies: Vec<Option<OpReply>> = vec![None; ops.len()];
+        let mut admitted_groups = Vec::new();
+        let mut all_admitted = true;
+        let mut failure = None;
+        for (members, result) in groups.iter().zip(results) {
+            let parsed = result.and_then(|reply| parse_admit(&reply, members.len()));
+            match parsed {
+                Ok((admitted, op_replies)) => {
+                    if admitted {
+                        admitted_groups.push(members);
+                    } else {
+                        all_admitted = false;
+                    }
+                    for (&i, r) in members.iter().zip(op_replies) {
+                        if let Some(slot) = replies.get_mut(i) {
+                            *slot = Some(r);
+                        }
+                    }
+                }
+                Err(e) => {
+                    all_admitted = false;
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if !all_admitted && !admitted_groups.is_empty() {
+            self.roll_back(&conn, &plans, &admitted_groups, reservation)
+                .await;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+
+        let mut snapshots = Vec::with_capacity(ops.len());
+        let mut blocking = Vec::new();
+        let mut retry: Option<Option<u64>> = None;
+        for (k, ((op, plan), reply)) in ops.iter().zip(&plans).zip(&replies).enumerate() {
+            let reply = reply.ok_or_else(|| {
+                StoreError::Protocol("admission script: an op got no reply".into())
+            })?;
+            let (snapshot, verdict) =
+                judge(now, op, plan, &reply, earlier.get(k).copied().unwrap_or(0));
+            snapshots.push(snapshot);
+            if let Some(retry_after_ms) = verdict {
+                blocking.push(k);
+                retry = Some(match (retry, retry_after_ms) {
+                    (None, r) => r,
+                    (Some(Some(a)), Some(b)) => Some(a.max(b)),
+                    (Some(_), _) => None,
+                });
+            }
+        }
+        if !all_admitted {
+            return Ok(Admission::Refused(Refusal {
+                snapshots,
+                blocking,
+                retry_after_ms: retry.flatten(),
+            }));
+        }
+
+        let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+        for (op, plan) in ops.iter().zip(&plans) {
+            if plan.held > 0 {
+                let expiry = match op.rate {
+                    Rate::Fixed { .. } => deadline.min(plan.window_end.saturating_add(self.grace)),
+                    _ => deadline,
+                };
+                book.insert(reservation.0, &plan.keys.state, expiry, &op.id);
+            }
+        }
+        self.outstanding
+            .store(book.live.len() as u64, Ordering::Relaxed);
+        Ok(Admission::Admitted { snapshots })
+    }
+
+    async fn settle(&self, now: Millis, settlements: &[Settlement]) -> Result<(), StoreError> {
+        self.prune(now);
+        if settlements.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<CounterKeys> = settlements
+            .iter()
+            .map(|s| self.keys.for_op(&s.op, s.window_start))
+            .collect();
+        let groups = self.group(&keys);
+        let invocations = groups
+            .iter()
+            .map(|members| {
+                let mut inv = SETTLE.prepare_invoke();
+                inv.arg(now).arg(self.grace).arg(members.len());
+                for &i in members {
+                    let (Some(s), Some(k)) = (settlements.get(i), keys.get(i)) else {
+                        continue;
+                    };
+                    let window_end = match s.op.rate {
+                        Rate::Fixed { window, .. } => window.end(s.window_start),
+                        _ => 0,
+                    };
+                    let (limit, p, q) = rate_args(&s.op.rate, s.window_start, window_end);
+                    inv.key(&k.state).key(&k.holds);
+                    inv.arg(type_code(&s.op.rate))
+                        .arg(s.reservation.0)
+                        .arg(exact(s.actual))
+                        .arg(s.op.id.as_str())
+                        .arg(kind_code(s.op.kind))
+                        .arg(limit)
+                        .arg(p)
+                        .arg(q);
+                }
+                inv
+            })
+            .collect();
+        let conn = self.conn().await?;
+        let results = self.run_all::<Vec<i64>>(&conn, invocations).await;
+        let mut failure = None;
+        let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+        for (members, result) in groups.iter().zip(results) {
+            let reply = match result {
+                Ok(reply) if reply.len() == 1 + 2 * members.len() => reply,
+                Ok(reply) => {
+                    failure.get_or_insert(StoreError::Protocol(format!(
+                        "settlement script: unexpected reply {reply:?}"
+                    )));
+                    continue;
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    continue;
+                }
+            };
+            let flags = reply.get(1..).unwrap_or_default().chunks_exact(2);
+            for (&i, flag) in members.iter().zip(flags) {
+                let (Some(s), Some(k)) = (settlements.get(i), keys.get(i)) else {
+                    continue;
+                };
+                book.remove(s.reservation.0, &k.state);
+                if flag.get(1) == Some(&1) {
+                    self.tallies
+                        .settlements_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.tallies
+                        .units_dropped
+                        .fetch_add(s.actual, Ordering::Relaxed);
+                }
+            }
+        }
+        self.outstanding
+            .store(book.live.len() as u64, Ordering::Relaxed);
+        drop(book);
+        failure.map_or(Ok(()), Err)
+    }
+
+    async fn inspect(
+        &self,
+        now: Millis,
+        filter: &InspectFilter,
+    ) -> Result<Vec<CounterView>, StoreError> {
+        let id_prefix = filter.prefix.as_deref().unwrap_or("");
+        let conn = self.conn().await?;
+        let found = self
+            .scan(&conn, &self.keys.scan_pattern(id_prefix), "hash", None)
+            .await?;
+        let args = [now.to_string(), self.grace.to_string()];
+        let mut views = Vec::new();
+        for (_, fields) in self
+            .per_key::<Vec<Option<String>>>(&conn, &VIEW, &found, &args)
+            .await?
+        {
+            if let Some(view) = view_of(now, &fields) {
+                if view.id.starts_with(id_prefix) {
+                    views.push(view);
+                }
+            }
+        }
+        views.sort_by(|a, b| (&a.id, a.window_start).cmp(&(&b.id, b.window_start)));
+        Ok(views)
+    }
+
+    async fn reset(&self, id: &CounterId) -> Result<u64, StoreError> {
+        let conn = self.conn().await?;
+        let slot = keys::slot(self.keys.base(id).as_bytes());
+        let found = self
+            .scan(&conn, &self.keys.counter_pattern(id), "hash", Some(slot))
+            .await?;
+        let args = [id.as_str().to_owned()];
+        let removed = self
+            .per_key::<i64>(&conn, &RESET, &found, &args)
+            .await?
+            .into_iter()
+            .filter(|(_, deleted)| *deleted == 1)
+            .count() as u64;
+        let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+        book.forget_counter(id);
+        self.outstanding
+            .store(book.live.len() as u64, Ordering::Relaxed);
+        Ok(removed)
+    }
+
+    async fn sweep(&self, now: Millis) -> Result<SweepStats, StoreError> {
+        self.prune(now);
+        let last = self.last_scan.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now < last || now - last >= self.scan_interval;
+        if !due
+            || self
+                .last_scan
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return Ok(SweepStats::default());
+        }
+        let conn = self.conn().await?;
+        let holds = self
+            .scan(&conn, &self.keys.scan_pattern(""), "zset", None)
+            .await?;
+        // `per_key` takes state keys; a holds key is its state key plus `:h`.
+        let states: Vec<String> = holds
+            .iter()
+            .filter_map(|h| h.strip_suffix(":h").map(str::to_owned))
+            .collect();
+        let args = [now.to_string(), self.grace.to_string()];
+        let mut stats = SweepStats::default();
+        for (_, reply) in self
+            .per_key::<Vec<i64>>(&conn, &SWEEP, &states, &args)
+            .await?
+        {
+            if let [expired, reclaimed] = reply.as_slice() {
+                stats.reservations_expired += u64::try_from(*expired).unwrap_or(0);
+                stats.windows_reclaimed += u64::try_from(*reclaimed).unwrap_or(0);
+            }
+        }
+        Ok(stats)
+    }
+
+    fn outstanding_reservations(&self) -> u64 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// A counter-window from the [`scripts::VIEW`] fields `y id k lim s e v r d at pm bu`.
+fn view_of(now: Millis, fields: &[Option<String>]) -> Option<CounterView> {
+    let text = |i: usize| fields.get(i).and_then(|f| f.as_deref());
+    let num = |i: usize| text(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    let id = text(1)?.to_owned();
+    let kind = kind_from(text(2));
+    let (limit, value, reserved, window_start, reset_at) = match text(0)? {
+        "f" => (num(3), num(6), num(7), num(4), num(5)),
+        "b" => {
+            let (lim, at, per_ms) = (num(3), num(9), num(10).max(1));
+            let mut deficit = num(8);
+            if now > at {
+                let back = u128::from(now - at) * u128::from(lim);
+                deficit = u64::try_from(u128::from(deficit).saturating_sub(back)).unwrap_or(0);
+            }
+            let reset_at =
+                bucket_wait(deficit, per_ms, lim, 0).map_or(Millis::MAX, |w| now.saturating_add(w));
+            (
+                lim.saturating_add(num(11)),
+                deficit.div_ceil(per_ms),
+                num(7),
+                0,
+                reset_at,
+            )
+        }
+        "c" => (num(3), 0, num(7), 0, now),
+        _ => return None,
+    };
+    Some(CounterView {
+        id,
+        kind,
+        limit,
+        value,
+        reserved,
+        remaining: limit.saturating_sub(value.saturating_add(reserved)),
+        window_start,
+        reset_at,
+    })
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cluster", &self.cluster)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("settle_grace_ms", &self.grace)
+            .field("connected", &self.conn.initialized())
+            .field("tallies", &self.tallies)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_wait_matches_memory() {
+        // 3 per second, one token missing: 334 ms (exact units: 1000 per token).
+        assert_eq!(bucket_wait(1_000, 1_000, 3, 0), Some(334));
+        assert_eq!(bucket_wait(1_000, 1_000, 0, 0), None);
+        assert_eq!(bucket_wait(1_000, 1_000, 0, 1), Some(0));
+    }
+
+    #[test]
+    fn view_refills_buckets() {
+        let f = |s: &str| Some(s.to_owned());
+        // 10 per 1000 ms, 5 tokens missing at t=0 (5000 units); at t=250 2500 refilled.
+        let fields = [
+            f("b"),
+            f("x"),
+            f("t"),
+            f("10"),
+            None,
+            None,
+            None,
+            f("0"),
+            f("5000"),
+            f("0"),
+            f("1000"),
+            f("2"),
+        ];
+        let view = view_of(250, &fields).unwrap();
+        assert_eq!((view.limit, view.value, view.reset_at), (12, 3, 500));
+    }
+
+    #[test]
+    fn hold_book_merges_and_prunes() {
+        let mut book = HoldBook::default();
+        let id = CounterId::from_encoded("a");
+        book.insert(1, "k", 10, &id);
+        book.insert(1, "k", 20, &id);
+        book.insert(2, "k", 15, &id);
+        assert_eq!(book.live.len(), 2);
+        assert_eq!(book.prune(15), 1);
+        assert_eq!(book.live.len(), 1);
+        book.remove(1, "k");
+        assert_eq!((book.live.len(), book.by_expiry.len()), (0, 0));
+    }
+}

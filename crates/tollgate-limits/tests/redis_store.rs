@@ -1,0 +1,831 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The store suite against Redis — the shared server on 127.0.0.1:6379 and a 3-node
+//! Redis Cluster this binary starts — plus what only Redis needs: keys spread over the
+//! shards, cross-slot compensation, connecting while Redis is down, scripts reloaded
+//! after a restart, and the resilient store losing and regaining its primary.
+//!
+//! Servers this binary starts run under a small `sh` wrapper that kills them when our
+//! end of its stdin closes, so they go away with the test process however it ends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tollgate_limits::store::redis::{RedisConfig, RedisStore};
+use tollgate_limits::store::resilient::{OnError, ResilientStore, StoreState};
+use tollgate_limits::store::suite::SUITE_SETTLE_GRACE_MS;
+use tollgate_limits::store::{
+    Admission, CounterSnapshot, ReservationId, Settlement, Store, StoreError,
+};
+use tollgate_limits::{
+    Clock, CounterId, CounterKind, CounterOp, MemoryStore, Need, Rate, SystemClock, Window,
+};
+
+const SHARED_URL: &str = "redis://127.0.0.1:6379";
+
+/// Unique per run: keys of earlier runs on the shared server never meet ours.
+fn run_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("tgtest-{}-{nanos}", std::process::id())
+    })
+}
+
+fn config(url: Option<String>, cluster: Option<Vec<String>>) -> RedisConfig {
+    RedisConfig {
+        url,
+        cluster,
+        key_prefix: run_id().to_owned(),
+        // Generous: the box is shared and the suite hammers the server.
+        timeout_ms: 2_000,
+        connect_timeout_ms: 5_000,
+        settle_grace_ms: SUITE_SETTLE_GRACE_MS,
+        ..RedisConfig::default()
+    }
+}
+
+tollgate_limits::store_suite!(redis, prefix = format!("{}/single/", run_id()), || async {
+    RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap()
+});
+
+tollgate_limits::store_suite!(
+    redis_cluster,
+    prefix = format!("{}/cluster/", run_id()),
+    || async { cluster_store().await }
+);
+
+// ---------------------------------------------------------------------------------------
+// Servers started by this binary.
+
+/// A `redis-server` child on a loopback port, killed when dropped or when this process
+/// ends (the wrapper shell reads its stdin until EOF, then kills the server).
+struct RedisProc {
+    port: u16,
+    pid: u32,
+    wrapper: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl RedisProc {
+    fn start(port: u16, dir: &Path, extra: &[&str]) -> RedisProc {
+        let script = r#"redis-server "$@" >/dev/null 2>&1 &
+pid=$!
+echo $pid
+read _
+kill -9 $pid 2>/dev/null
+wait $pid 2>/dev/null"#;
+        let port_s = port.to_string();
+        let mut args = vec![
+            "--port",
+            port_s.as_str(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        args.extend_from_slice(extra);
+        let mut wrapper = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .args(&args)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let mut line = String::new();
+        BufReader::new(wrapper.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid = line.trim().parse().expect("redis-server pid");
+        let stdin = wrapper.stdin.take();
+        let proc = RedisProc {
+            port,
+            pid,
+            wrapper,
+            stdin,
+        };
+        proc.wait_ready();
+        proc
+    }
+
+    fn wait_ready(&self) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if command(self.port, "PING").as_deref() == Some("+PONG") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on {} did not start", self.port);
+    }
+
+    /// SIGKILL the server (no goodbye to clients).
+    fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.pid.to_string()])
+            .status();
+        self.stdin.take();
+        let _ = self.wrapper.wait();
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One inline command over a fresh connection; the first reply line.
+fn command(port: u16, cmd: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(buf.get(..n)?).into_owned();
+    Some(text.lines().next().unwrap_or_default().to_owned())
+}
+
+/// A loopback port that is free, and (for cluster nodes) whose bus port +10000 is too.
+fn free_port(with_bus: bool) -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if !with_bus {
+            return port;
+        }
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{}-{name}", run_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct Cluster {
+    nodes: Vec<RedisProc>,
+}
+
+impl Cluster {
+    fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisProc::url).collect()
+    }
+}
+
+/// Three masters, no replicas, started once per test binary.
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let dir = temp_dir("cluster");
+        let nodes: Vec<RedisProc> = (0..3)
+            .map(|i| {
+                let conf = format!("nodes-{i}.conf");
+                RedisProc::start(
+                    free_port(true),
+                    &dir,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &conf,
+                        "--cluster-node-timeout",
+                        "5000",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(out.status.success(), "{out:?}");
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = nodes.iter().all(|n| {
+                Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            });
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < until, "cluster never became ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Cluster { nodes }
+    })
+}
+
+async fn cluster_store() -> RedisStore {
+    let seeds = tokio::task::spawn_blocking(|| cluster().seeds())
+        .await
+        .unwrap();
+    RedisStore::connect(config(None, Some(seeds)))
+        .await
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+const MINUTE: u64 = 60_000;
+
+fn fixed(id: &str, limit: u64, commit: u64, reserve: u64) -> CounterOp {
+    CounterOp {
+        id: CounterId::from_encoded(id),
+        kind: CounterKind::Tokens,
+        rate: Rate::Fixed {
+            limit,
+            window: Window::aligned(MINUTE),
+        },
+        need: Need::Fits,
+        commit,
+        reserve,
+    }
+}
+
+fn rid() -> ReservationId {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1_000_000);
+    ReservationId(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn snapshots(a: Admission) -> Vec<CounterSnapshot> {
+    match a {
+        Admission::Admitted { snapshots } => snapshots,
+        Admission::Refused(r) => r.snapshots,
+    }
+}
+
+async fn value_of(store: &dyn Store, now: u64, op: &CounterOp) -> (u64, u64) {
+    let probe = CounterOp {
+        need: Need::Room,
+        commit: 0,
+        reserve: 0,
+        ..op.clone()
+    };
+    let s = snapshots(store.admit(now, &[probe], rid(), now).await.unwrap());
+    (s[0].value, s[0].reserved)
+}
+
+fn settlements(ops: &[CounterOp], a: &Admission, r: ReservationId, actual: u64) -> Vec<Settlement> {
+    let Admission::Admitted { snapshots } = a else {
+        panic!("refused: {a:?}");
+    };
+    ops.iter()
+        .zip(snapshots)
+        .map(|(op, s)| Settlement {
+            op: op.clone(),
+            window_start: s.window_start,
+            reservation: r,
+            actual,
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Cluster specifics.
+
+/// Keys each cluster node holds under `pattern`.
+async fn keys_per_node(pattern: &str) -> Vec<Vec<String>> {
+    let ports: Vec<u16> =
+        tokio::task::spawn_blocking(|| cluster().nodes.iter().map(|n| n.port).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    let mut out = Vec::new();
+    for port in ports {
+        let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            keys.extend(page);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        out.push(keys);
+    }
+    out
+}
+
+/// A gateway-wide counter and 30 users' counters: the users spread over all three
+/// shards, while every key of the gateway counter sits on exactly one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_counters_spread_over_shards() {
+    let store = cluster_store().await;
+    let now = SystemClock.now_ms();
+    let base = format!("{}/spread/", run_id());
+    let gateway = fixed(&format!("{base}gateway."), 1_000_000, 1, 5);
+    for u in 0..30 {
+        let user = fixed(&format!("{base}user-{u}."), 1_000, 1, 5);
+        let ops = [gateway.clone(), user];
+        let r = rid();
+        let a = store.admit(now, &ops, r, now + MINUTE).await.unwrap();
+        assert!(matches!(a, Admission::Admitted { .. }));
+    }
+    let prefix = run_id();
+    let per_node = keys_per_node(&format!("{{{prefix}:{base}*")).await;
+    let with_keys = per_node.iter().filter(|k| !k.is_empty()).count();
+    assert_eq!(with_keys, 3, "{per_node:?}");
+    let gateway_nodes = per_node
+        .iter()
+        .filter(|keys| keys.iter().any(|k| k.contains("gateway.")))
+        .count();
+    assert_eq!(gateway_nodes, 1);
+    // State hash + holds set per counter.
+    let total: usize = per_node.iter().map(Vec::len).sum();
+    assert_eq!(total, 2 * 31);
+    let (_, _, gw_slot) = store.keys_of(&gateway, 0);
+    let (_, _, user_slot) = store.keys_of(&fixed(&format!("{base}user-0."), 1, 0, 0), 0);
+    assert_ne!(gw_slot, user_slot);
+}
+
+/// Across slots, a refusal on one shard undoes what the others took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_refusal_rolls_back_other_slots() {
+    let store = cluster_store().await;
+    let now = SystemClock.now_ms();
+    let base = format!("{}/rollback/", run_id());
+    let ops: Vec<CounterOp> = (0..6)
+        .map(|i| fixed(&format!("{base}c{i}."), 100, 3, 7))
+        .collect();
+    let slots: std::collections::HashSet<u16> =
+        ops.iter().map(|op| store.keys_of(op, 0).2).collect();
+    assert!(slots.len() > 1);
+    let full = fixed(&format!("{base}full."), 0, 1, 0);
+    let mut all = ops.clone();
+    all.push(full);
+    let before = store.outstanding_reservations();
+    match store.admit(now, &all, rid(), now + MINUTE).await.unwrap() {
+        Admission::Refused(r) => assert_eq!(r.blocking, vec![6]),
+        a => panic!("{a:?}"),
+    }
+    for op in &ops {
+        assert_eq!(value_of(&store, now, op).await, (0, 0), "{}", op.id);
+    }
+    assert_eq!(store.outstanding_reservations(), before);
+    assert!(store.stats().rollbacks >= 1);
+    // And without the full counter, everything is taken.
+    let r = rid();
+    let a = store.admit(now, &ops, r, now + MINUTE).await.unwrap();
+    for op in &ops {
+        assert_eq!(value_of(&store, now, op).await, (3, 7));
+    }
+    store
+        .settle(now, &settlements(&ops, &a, r, 4))
+        .await
+        .unwrap();
+    for op in &ops {
+        assert_eq!(value_of(&store, now, op).await, (7, 0));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Connections.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_nothing_fails_fast() {
+    let port = free_port(false);
+    let cfg = RedisConfig {
+        url: Some(format!("redis://127.0.0.1:{port}")),
+        key_prefix: run_id().to_owned(),
+        timeout_ms: 50,
+        connect_timeout_ms: 200,
+        ..RedisConfig::default()
+    };
+    let started = Instant::now();
+    let err = RedisStore::connect(cfg.clone()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A lazy store starts anyway, fails fast while nobody listens, and works once
+    // a server appears on that port.
+    let store = RedisStore::new_lazy(cfg).unwrap();
+    let op = fixed(&format!("{}/lazy/a.", run_id()), 10, 1, 0);
+    let now = SystemClock.now_ms();
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert!(store
+            .admit(now, std::slice::from_ref(&op), rid(), now)
+            .await
+            .is_err());
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+    let dir = temp_dir("lazy");
+    let _server = RedisProc::start(port, &dir, &[]);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if store
+            .admit(now, std::slice::from_ref(&op), rid(), now)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "lazy store never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(value_of(&store, now, &op).await.0, 1);
+}
+
+/// After `SCRIPT FLUSH` (as after a restart) the scripts are loaded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_are_reloaded_after_flush() {
+    let dir = temp_dir("noscript");
+    let server = RedisProc::start(free_port(false), &dir, &[]);
+    let store = RedisStore::connect(config(Some(server.url()), None))
+        .await
+        .unwrap();
+    let op = fixed(&format!("{}/noscript/a.", run_id()), 10, 1, 0);
+    let now = SystemClock.now_ms();
+    store
+        .admit(now, std::slice::from_ref(&op), rid(), now)
+        .await
+        .unwrap();
+    assert_eq!(command(server.port, "SCRIPT FLUSH").as_deref(), Some("+OK"));
+    store
+        .admit(now, std::slice::from_ref(&op), rid(), now)
+        .await
+        .unwrap();
+    assert_eq!(value_of(&store, now, &op).await.0, 2);
+    store.ping().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// The resilient store against a Redis that dies and comes back.
+
+struct Load {
+    admitted: u64,
+    errors: u64,
+    slowest: Duration,
+}
+
+/// `tasks` tasks admit and settle on shared counters until `stop`.
+async fn load(
+    store: Arc<ResilientStore>,
+    tasks: u64,
+    base: String,
+    stop: Arc<tokio::sync::Notify>,
+) -> Load {
+    let mut handles = Vec::new();
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            stop.notified().await;
+            stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    for t in 0..tasks {
+        let (store, base, stopped) = (store.clone(), base.clone(), stopped.clone());
+        handles.push(tokio::spawn(async move {
+            let mut out = Load {
+                admitted: 0,
+                errors: 0,
+                slowest: Duration::ZERO,
+            };
+            let ops = [
+                fixed(&format!("{base}tier."), u64::MAX / 4, 0, 10),
+                fixed(&format!("{base}user-{}.", t % 4), u64::MAX / 4, 1, 0),
+            ];
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                // The local fallback never waits: give the other tasks their turn.
+                tokio::task::yield_now().await;
+                let now = SystemClock.now_ms();
+                let r = rid();
+                let started = Instant::now();
+                let admitted = store.admit(now, &ops, r, now + MINUTE).await;
+                out.slowest = out.slowest.max(started.elapsed());
+                match admitted {
+                    Ok(a @ Admission::Admitted { .. }) => {
+                        out.admitted += 1;
+                        let started = Instant::now();
+                        store
+                            .settle(now, &settlements(&ops, &a, r, 3))
+                            .await
+                            .unwrap();
+                        out.slowest = out.slowest.max(started.elapsed());
+                    }
+                    Ok(Admission::Refused(r)) => panic!("refused: {r:?}"),
+                    Err(_) => {
+                        out.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            out
+        }));
+    }
+    let mut total = Load {
+        admitted: 0,
+        errors: 0,
+        slowest: Duration::ZERO,
+    };
+    for h in handles {
+        let l = h.await.unwrap();
+        total.admitted += l.admitted;
+        total.errors += l.errors;
+        total.slowest = total.slowest.max(l.slowest);
+    }
+    total
+}
+
+const TIMEOUT_MS: u64 = 50;
+
+async fn resilient_over(
+    server: &RedisProc,
+    mode: OnError,
+    max_deferred: usize,
+) -> (Arc<RedisStore>, Arc<ResilientStore>) {
+    let redis = Arc::new(
+        RedisStore::connect(RedisConfig {
+            url: Some(server.url()),
+            key_prefix: run_id().to_owned(),
+            timeout_ms: TIMEOUT_MS,
+            settle_grace_ms: SUITE_SETTLE_GRACE_MS,
+            ..RedisConfig::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let store = Arc::new(
+        ResilientStore::new(
+            redis.clone(),
+            MemoryStore::new(SUITE_SETTLE_GRACE_MS),
+            mode,
+            max_deferred,
+        )
+        .with_probe_interval(Duration::from_millis(100)),
+    );
+    (redis, store)
+}
+
+async fn wait_healthy(store: &ResilientStore, op: &CounterOp) {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = SystemClock.now_ms();
+        let _ = store.admit(now, &[probe(op)], rid(), now).await;
+        if store.state() == StoreState::Healthy {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "never recovered: {:?}",
+            store.state()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn probe(op: &CounterOp) -> CounterOp {
+    CounterOp {
+        need: Need::Room,
+        commit: 0,
+        reserve: 0,
+        ..op.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_survives_redis_dying_and_writes_deferred_settlements_back() {
+    let dir = temp_dir("fail-open");
+    let mut server = RedisProc::start(free_port(false), &dir, &[]);
+    let port = server.port;
+    let (redis, store) = resilient_over(&server, OnError::FailOpen, 10_000).await;
+    let base = format!("{}/fail-open/", run_id());
+
+    // Requests admitted by Redis, to be settled while it is gone.
+    let pending_op = fixed(&format!("{base}pending."), 1_000_000, 0, 10);
+    let mut pending = Vec::new();
+    for _ in 0..20 {
+        let now = SystemClock.now_ms();
+        let r = rid();
+        let a = store
+            .admit(now, std::slice::from_ref(&pending_op), r, now + 10 * MINUTE)
+            .await
+            .unwrap();
+        pending.push(settlements(std::slice::from_ref(&pending_op), &a, r, 7));
+    }
+    let window_start = pending[0][0].window_start;
+    assert!(pending.iter().all(|s| s[0].window_start == window_start));
+
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let running = tokio::spawn(load(store.clone(), 8, base.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        matches!(store.state(), StoreState::Degraded { .. }),
+        "{:?}",
+        store.state()
+    );
+    for s in &pending {
+        store.settle(SystemClock.now_ms(), s).await.unwrap();
+    }
+    // Ours, and those of load requests Redis admitted just before it died.
+    assert!(store.deferred_settlements() >= 20);
+    stop.notify_one();
+    let result = running.await.unwrap();
+    eprintln!(
+        "fail-open under load: {} admitted ({} locally), slowest call {:?}",
+        result.admitted,
+        store.stats().local_admissions,
+        result.slowest
+    );
+    assert_eq!(result.errors, 0);
+    assert!(result.admitted > 0);
+    assert!(store.stats().local_admissions > 0);
+    // No call waited much past the store's timeout (generous bound for a shared box).
+    assert!(
+        result.slowest < Duration::from_millis(10 * TIMEOUT_MS),
+        "slowest call {:?}",
+        result.slowest
+    );
+
+    // Back on the same port (empty: nothing was saved). The same store recovers and
+    // writes the deferred settlements into the admission window.
+    let server = RedisProc::start(port, &dir, &[]);
+    wait_healthy(&store, &pending_op).await;
+    let now = SystemClock.now_ms();
+    store.sweep(now).await.unwrap();
+    assert_eq!(store.deferred_settlements(), 0);
+    assert_eq!(store.dropped_settlements(), 0);
+    let at = if Window::aligned(MINUTE).start(now) == window_start {
+        now
+    } else {
+        window_start
+    };
+    assert_eq!(value_of(&*redis, at, &pending_op).await, (20 * 7, 0));
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_returns_errors_quickly_and_recovers() {
+    let dir = temp_dir("fail-closed");
+    let mut server = RedisProc::start(free_port(false), &dir, &[]);
+    let port = server.port;
+    let (_redis, store) = resilient_over(&server, OnError::FailClosed, 2).await;
+    let op = fixed(&format!("{}/fail-closed/a.", run_id()), 1_000, 1, 0);
+    let now = SystemClock.now_ms();
+    let r = rid();
+    let a = store
+        .admit(now, std::slice::from_ref(&op), r, now + MINUTE)
+        .await
+        .unwrap();
+    let owed = settlements(std::slice::from_ref(&op), &a, r, 5);
+
+    server.kill();
+    for i in 0..20 {
+        let started = Instant::now();
+        let now = SystemClock.now_ms();
+        let result = store
+            .admit(now, std::slice::from_ref(&op), rid(), now + MINUTE)
+            .await;
+        assert!(result.is_err(), "call {i} admitted with Redis down");
+        assert!(
+            started.elapsed() < Duration::from_millis(10 * TIMEOUT_MS),
+            "call {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(matches!(store.state(), StoreState::Degraded { .. }));
+    // Settlements are kept, within the bound; beyond it the oldest are dropped, counted.
+    for _ in 0..3 {
+        store.settle(now, &owed).await.unwrap();
+    }
+    assert_eq!(
+        (store.deferred_settlements(), store.dropped_settlements()),
+        (2, 1)
+    );
+
+    let _server = RedisProc::start(port, &dir, &[]);
+    wait_healthy(&store, &op).await;
+    let now = SystemClock.now_ms();
+    assert_eq!(store.flush_deferred(now).await.unwrap(), 2);
+    store
+        .admit(now, std::slice::from_ref(&op), rid(), now + MINUTE)
+        .await
+        .unwrap();
+}
+
+/// A primary that always fails: the fallback's bookkeeping, without a network.
+struct Broken;
+
+#[async_trait::async_trait]
+impl Store for Broken {
+    async fn admit(
+        &self,
+        _: u64,
+        _: &[CounterOp],
+        _: ReservationId,
+        _: u64,
+    ) -> Result<Admission, StoreError> {
+        Err(StoreError::Unavailable("broken".into()))
+    }
+    async fn settle(&self, _: u64, _: &[Settlement]) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("broken".into()))
+    }
+    async fn inspect(
+        &self,
+        _: u64,
+        _: &tollgate_limits::InspectFilter,
+    ) -> Result<Vec<tollgate_limits::CounterView>, StoreError> {
+        Err(StoreError::Unavailable("broken".into()))
+    }
+    async fn reset(&self, _: &CounterId) -> Result<u64, StoreError> {
+        Err(StoreError::Unavailable("broken".into()))
+    }
+    async fn sweep(&self, _: u64) -> Result<tollgate_limits::SweepStats, StoreError> {
+        Err(StoreError::Unavailable("broken".into()))
+    }
+    fn outstanding_reservations(&self) -> u64 {
+        0
+    }
+}
+
+#[tokio::test]
+async fn local_admissions_settle_locally() {
+    let store = ResilientStore::new(
+        Arc::new(Broken),
+        MemoryStore::new(MINUTE),
+        OnError::FailOpen,
+        10,
+    );
+    let op = fixed("local/a.", 100, 0, 40);
+    let t = 1_767_225_600_000;
+    let r = rid();
+    let a = store
+        .admit(t, std::slice::from_ref(&op), r, t + MINUTE)
+        .await
+        .unwrap();
+    assert_eq!(store.outstanding_reservations(), 1);
+    assert!(matches!(store.state(), StoreState::Degraded { since_ms, .. } if since_ms == t));
+    store
+        .settle(t, &settlements(std::slice::from_ref(&op), &a, r, 25))
+        .await
+        .unwrap();
+    // Released and charged on the local store; nothing owed to the primary.
+    assert_eq!(store.outstanding_reservations(), 0);
+    assert_eq!(store.deferred_settlements(), 0);
+    assert_eq!(value_of(store.local(), t, &op).await, (25, 0));
+    // Inspect falls back too.
+    let views = store.inspect(t, &Default::default()).await.unwrap();
+    assert_eq!(views.len(), 1);
+
+    let closed = ResilientStore::new(
+        Arc::new(Broken),
+        MemoryStore::new(MINUTE),
+        OnError::FailClosed,
+        10,
+    );
+    assert!(closed
+        .admit(t, std::slice::from_ref(&op), rid(), t)
+        .await
+        .is_err());
+    assert!(closed.inspect(t, &Default::default()).await.is_err());
+}
