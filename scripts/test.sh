@@ -58,6 +58,26 @@ setup_browser() {
   apt_install chromium chromium-driver
 }
 
+# Redis: the store tests and the multi-replica tests use the server on 127.0.0.1:6379
+# (their own key prefixes; nothing is flushed). Install and start one if none answers.
+# Tests that stop Redis start their own redis-server on a free port.
+ensure_redis() {
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    apt_install redis-server redis-tools
+  fi
+  if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    echo "== starting redis-server on 127.0.0.1:6379"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+      --dir /tmp --logfile /tmp/tollgate-test-redis.log
+    for _ in $(seq 1 50); do
+      redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  fi
+  redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "redis is not answering on 6379" >&2; exit 1; }
+}
+ensure_redis
+
 status=0
 if [ $want_rust -eq 1 ]; then
   echo "== cargo nextest run --workspace"

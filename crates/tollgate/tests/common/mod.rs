@@ -64,6 +64,12 @@ impl Gateway {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_at(config, env, T0)
+    }
+
+    /// Start with the test clock at `t0` (Redis tests use a time near now, so the keys
+    /// they leave on a shared server expire soon).
+    pub fn start_at(config: &str, env: &[(&str, &str)], t0: u64) -> Self {
         let dir = tempdir::TempDir::new();
         let cfg = dir.0.join("config.yaml");
         std::fs::write(&cfg, config).unwrap();
@@ -73,7 +79,7 @@ impl Gateway {
         cmd.args(["serve", "-c"])
             .arg(&cfg)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .arg(format!("--test-clock={T0}"))
+            .arg(format!("--test-clock={t0}"))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .env("RUST_LOG", "info");

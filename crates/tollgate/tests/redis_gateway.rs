@@ -1,0 +1,334 @@
+//! Global limits through the real server on Redis: three replicas share one budget
+//! exactly (reserve mode never admits past the limit), counters survive a gateway
+//! restart, and a Redis that goes away under traffic: fail_open keeps serving (no 5xx),
+//! fail_closed answers 503 with retry-after, both recover without a restart, and a
+//! settlement that could not be written is written after reconnection.
+//!
+//! Uses the shared Redis on 127.0.0.1:6379 with a key prefix of its own (nothing is
+//! flushed); the outage test starts its own redis-server on a free port.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A test clock near real time (start of the current minute), so keys written with it
+/// expire within the hour on the shared server.
+fn near_now() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    now - now % 60_000
+}
+
+fn prefix(tag: &str) -> String {
+    format!(
+        "tgtest-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000
+    )
+}
+
+fn config(
+    up: std::net::SocketAddr,
+    redis_url: &str,
+    prefix: &str,
+    on_error: &str,
+    limit: u64,
+) -> String {
+    format!(
+        r#"
+storage:
+  kind: redis
+  redis:
+    url: {redis_url}
+    key_prefix: {prefix}
+    timeout: 50ms
+    connect_timeout: 200ms
+  on_error: {on_error}
+backends:
+  - name: up
+    url: http://{up}
+routes:
+  - name: llm
+    match: {{ path_prefix: /v1 }}
+    backend: up
+auth:
+  api_keys:
+    keys:
+      - key: k1
+        identity: {{ userid: u1 }}
+policies:
+  - name: tok
+    kind: TokenRateLimitPolicy
+    accounting: reserve
+    limits:
+      user:
+        rates: [{{ limit: {limit}, window: 1h }}]
+        counters: [auth.identity.userid]
+logging:
+  access_log: false
+"#
+    )
+}
+
+fn chat(max_tokens: u64) -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": "one two three four five six seven eight"}], "max_tokens": max_tokens})
+}
+
+#[tokio::test]
+async fn three_replicas_share_one_budget_exactly() {
+    let up = Upstream::start().await;
+    let p = prefix("replicas");
+    let t0 = near_now();
+    let cfg = config(up.addr, "redis://127.0.0.1:6379", &p, "fail_closed", 1000);
+    let gws: Vec<Gateway> = (0..3).map(|_| Gateway::start_at(&cfg, &[], t0)).collect();
+    let urls: Vec<String> = gws.iter().map(|g| g.url("/v1/chat/completions")).collect();
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let c = c.clone();
+        let url = urls[i % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut n, mut tokens, mut refused) = (0u64, 0u64, 0);
+            while refused < 2 {
+                let r = c
+                    .post(&url)
+                    .header("authorization", "Bearer k1")
+                    .header("x-sim-latency-ms", "20")
+                    .json(&chat(90))
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status().as_u16() {
+                    200 => {
+                        refused = 0;
+                        n += 1;
+                        tokens += r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+                            .as_u64()
+                            .unwrap();
+                    }
+                    429 => refused += 1,
+                    s => panic!("unexpected status {s}"),
+                }
+            }
+            (n, tokens)
+        }));
+    }
+    let (mut n, mut tokens) = (0, 0);
+    for t in tasks {
+        let (a, b) = t.await.unwrap();
+        n += a;
+        tokens += b;
+    }
+    assert!(
+        tokens <= 1000,
+        "three replicas admitted {tokens} tokens past a shared 1000 limit"
+    );
+    assert!(n >= 9, "only {n} calls admitted: the budget was not used");
+    // Every replica sees the same counter.
+    for g in &gws {
+        let v = g.counter_value("tok/user/3600000/u1", None).await.unwrap();
+        assert_eq!(v, tokens);
+    }
+    // A restarted gateway keeps the spend.
+    drop(gws);
+    let g = Gateway::start_at(&cfg, &[], t0);
+    let r = client()
+        .post(g.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .json(&chat(1))
+        .send()
+        .await
+        .unwrap();
+    let remaining: u64 = r.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(remaining, 1000u64.saturating_sub(tokens));
+}
+
+struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl RedisServer {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn restart(&mut self) {
+        self.stop();
+        *self = RedisServer::start(self.port, &self.dir.clone());
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn status_of(g: &Gateway, max_tokens: u64) -> u16 {
+    client()
+        .post(g.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .json(&chat(max_tokens))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn redis_outage_fail_open_fail_closed_recovery_and_deferred_settlement() {
+    let up = Upstream::start().await;
+    let dir = std::env::temp_dir().join(format!("tg-redis-{}", prefix("dir")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let mut redis = RedisServer::start(port, &dir);
+    let url = format!("redis://127.0.0.1:{port}");
+    let t0 = near_now();
+    let open = Gateway::start_at(
+        &config(up.addr, &url, "tgopen", "fail_open", 1_000_000),
+        &[],
+        t0,
+    );
+    let closed = Gateway::start_at(
+        &config(up.addr, &url, "tgclosed", "fail_closed", 1_000_000),
+        &[],
+        t0,
+    );
+    assert_eq!(status_of(&open, 5).await, 200);
+    assert_eq!(status_of(&closed, 5).await, 200);
+
+    // A stream admitted on Redis, still running when Redis goes away.
+    let mut body = chat(40);
+    body["stream"] = json!(true);
+    let mut stream = client()
+        .post(open.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .header("x-sim-ms-per-token", "10")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let _ = stream.chunk().await.unwrap();
+    let before = open
+        .counter_value("tok/user/3600000/u1", None)
+        .await
+        .unwrap();
+
+    redis.stop();
+    while stream.chunk().await.unwrap().is_some() {}
+
+    // fail_open: no 5xx; fail_closed: 503 JSON with retry-after, quickly.
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        assert_eq!(status_of(&open, 5).await, 200);
+        assert!(started.elapsed() < Duration::from_secs(2), "fail_open hung");
+        let r = client()
+            .post(closed.url("/v1/chat/completions"))
+            .header("authorization", "Bearer k1")
+            .json(&chat(5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_store_unavailable");
+    }
+    let ready: Value = client()
+        .get(open.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["store"]["state"], "degraded", "{ready}");
+
+    // Redis returns: both recover by themselves; the stream's settlement is written.
+    redis.restart();
+    let mut recovered = false;
+    for _ in 0..200 {
+        if status_of(&closed, 5).await == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "fail_closed did not recover");
+    // The new Redis is empty; the deferred settlement of the stream lands in it.
+    let mut written = None;
+    for _ in 0..100 {
+        if let Some(v) = open.counter_value("tok/user/3600000/u1", None).await {
+            if v >= 40 {
+                written = Some(v);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let written = written.unwrap_or_else(|| {
+        panic!(
+            "deferred settlement not written; before outage {before}; {}",
+            open.logs()
+        )
+    });
+    assert!(written >= 40, "{written}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
