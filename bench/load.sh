@@ -13,6 +13,10 @@
 #   --install-nginx   apt-get install nginx when it is missing (adds the nginx row)
 #   --no-nginx        skip the nginx row even when nginx is installed
 #   --no-gateway      skip the tollgate row (to try the harness alone)
+#   --redis           add a row: the same gateway with its counters on Redis
+#                     (127.0.0.1:6379, a key prefix of its own)
+#   --jwt             add a row: JWT auth (the Gloo seed's token, cached verification)
+#                     and three token tiers (minute/hour/day) per `sub`
 #   --no-build        do not run cargo; use the release binaries already built
 #   --access-log      turn on tollgate's access log (and nginx's) instead of leaving both off
 #
@@ -47,6 +51,8 @@ MODE=table
 INSTALL_NGINX=0
 USE_NGINX=1
 USE_GATEWAY=1
+USE_REDIS=0
+USE_JWT=0
 BUILD=1
 ACCESS_LOG=0
 for arg in "$@"; do
@@ -55,6 +61,8 @@ for arg in "$@"; do
     --install-nginx) INSTALL_NGINX=1 ;;
     --no-nginx) USE_NGINX=0 ;;
     --no-gateway) USE_GATEWAY=0 ;;
+    --redis) USE_REDIS=1 ;;
+    --jwt) USE_JWT=1 ;;
     --no-build) BUILD=0 ;;
     --access-log) ACCESS_LOG=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -183,6 +191,39 @@ if [[ $USE_GATEWAY == 1 ]]; then
   wait_http "http://127.0.0.1:$ADMIN_PORT/healthz" "tollgate" "$TMP/tollgate.log"
 fi
 
+# start_gateway NAME CONFIG: another tollgate on free ports; sets GWPORT[NAME].
+declare -A GWPORT
+start_gateway() {
+  local name=$1 cfg=$2 port admin
+  port=$(free_port); admin=$(free_port)
+  sed -i -e "s/127\.0\.0\.1:8080/127.0.0.1:$port/" -e "s/127\.0\.0\.1:9901/127.0.0.1:$admin/" "$cfg"
+  "$TOLLGATE" serve -c "$cfg" >"$TMP/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$admin/healthz" "$name" "$TMP/$name.log"
+  GWPORT[$name]=$port
+}
+if [[ $USE_GATEWAY == 1 && $USE_REDIS == 1 ]]; then
+  redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || die "--redis needs a Redis on 127.0.0.1:6379"
+  sed -e "s/^  kind: memory/  kind: redis\n  redis:\n    url: redis:\/\/127.0.0.1:6379\n    key_prefix: tgbench-$$\n    timeout: 200ms/" \
+      "$TMP/tollgate.yaml" >"$TMP/tollgate-redis.yaml"
+  sed -i -e "s/127\.0\.0\.1:$GW_PORT/127.0.0.1:8080/" -e "s/127\.0\.0\.1:$ADMIN_PORT/127.0.0.1:9901/" "$TMP/tollgate-redis.yaml"
+  start_gateway tollgate-redis "$TMP/tollgate-redis.yaml"
+fi
+if [[ $USE_GATEWAY == 1 && $USE_JWT == 1 ]]; then
+  FIX="$ROOT/crates/tollgate/tests/fixtures/jwt"
+  {
+    printf 'listen: 127.0.0.1:8080\nadmin:\n  listen: 127.0.0.1:9901\nlogging:\n  level: warn\n  access_log: false\n'
+    printf 'backends:\n  - name: sim\n    url: http://127.0.0.1:%s\n' "$SIM_PORT"
+    printf 'routes:\n  - name: llm\n    match: { path_prefix: /v1 }\n    backend: sim\n'
+    printf 'auth:\n  jwt:\n    providers:\n      - name: selfminted\n        issuer: solo.io\n        public_key_pem: |\n'
+    sed 's/^/          /' "$FIX/alice.pub.pem"
+    printf 'policies:\n  - name: tiers\n    kind: TokenRateLimitPolicy\n    limits:\n      user:\n'
+    printf '        rates: [{ limit: 1000000000000, window: 1m }, { limit: 1000000000000, window: 1h }, { limit: 1000000000000, window: 1d }]\n'
+    printf '        counters: [auth.identity.sub]\n'
+  } >"$TMP/tollgate-jwt.yaml"
+  start_gateway tollgate-jwt "$TMP/tollgate-jwt.yaml"
+fi
+
 NGINX_PORT=""
 if [[ -n $NGINX ]]; then
   NGINX_PORT=$(free_port)
@@ -245,7 +286,7 @@ PATH_=/v1/chat/completions
 # Refuse to measure a target that does not answer 200 (e.g. a config problem).
 check_target() {
   local name=$1 url=$2 code
-  code=$(curl -s -o "$TMP/check.out" -w '%{http_code}' -H "$AUTH_HEADER" \
+  code=$(curl -s -o "$TMP/check.out" -w '%{http_code}' -H "$(auth_for "$name")" \
     -H 'content-type: application/json' --data "$BODY" "$url" || true)
   if [[ $code != 200 ]]; then
     log "---- response of $name ($code):"
@@ -257,8 +298,16 @@ check_target() {
 
 TARGETS=(direct)
 declare -A URL=([direct]="http://127.0.0.1:$SIM_PORT$PATH_")
-declare -A LABEL=([direct]="direct (tollgate sim)" [tollgate]="tollgate (quickstart policies)" [nginx]="nginx (reverse proxy)")
+declare -A LABEL=([direct]="direct (tollgate sim)" [tollgate]="tollgate (quickstart policies)" [nginx]="nginx (reverse proxy)" [tollgate-redis]="tollgate on Redis" [tollgate-jwt]="tollgate JWT + 3 tiers")
+declare -A AUTHH
 if [[ -n $GW_PORT ]]; then TARGETS+=(tollgate); URL[tollgate]="http://127.0.0.1:$GW_PORT$PATH_"; fi
+for g in tollgate-redis tollgate-jwt; do
+  if [[ -n ${GWPORT[$g]:-} ]]; then TARGETS+=("$g"); URL[$g]="http://127.0.0.1:${GWPORT[$g]}$PATH_"; fi
+done
+if [[ -n ${GWPORT[tollgate-jwt]:-} ]]; then
+  AUTHH[tollgate-jwt]="Authorization: Bearer $(tr -d '\n' <"$ROOT/crates/tollgate/tests/fixtures/jwt/alice.jwt")"
+fi
+auth_for() { printf '%s' "${AUTHH[$1]:-$AUTH_HEADER}"; }
 if [[ -n $NGINX_PORT ]]; then TARGETS+=(nginx); URL[nginx]="http://127.0.0.1:$NGINX_PORT$PATH_"; fi
 for t in "${TARGETS[@]}"; do check_target "$t" "${URL[$t]}"; done
 
@@ -275,7 +324,7 @@ measure() {
   local rate_args=()
   [[ -n $rate ]] && rate_args=(--rate "$rate")
   for i in $(seq 1 "$RUNS"); do
-    line=$("$LOAD" --url "$url" --body "$BODY" -H "$AUTH_HEADER" -c "$C" -d "$DURATION" \
+    line=$("$LOAD" --url "$url" --body "$BODY" -H "$(auth_for "${key#*_}")" -c "$C" -d "$DURATION" \
       --warmup "$WARMUP" --threads "$LOAD_THREADS" "${rate_args[@]}" "${STREAM_FLAG[@]}")
     echo "$key run $i: $line" >>"$TMP/runs.log"
     rps+=("$(field "$line" rps)")

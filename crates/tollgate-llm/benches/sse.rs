@@ -120,5 +120,20 @@ fn request(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sse, request);
+/// Exact BPE (o200k_base) per KB of English-like prompt text; runs off the async
+/// workers in the proxy, only for policies with `prompt_estimate: exact`.
+fn bpe(c: &mut Criterion) {
+    let text =
+        "The quick brown fox jumps over the lazy dog while the gateway counts tokens. ".repeat(14);
+    let kb = &text[..1024];
+    let _ = tollgate_llm::bpe_tokens(kb); // load the vocabulary outside the measurement
+    let mut g = c.benchmark_group("bpe");
+    g.throughput(Throughput::Bytes(1024));
+    g.bench_function("o200k_base per KB", |b| {
+        b.iter(|| std::hint::black_box(tollgate_llm::bpe_tokens(std::hint::black_box(kb))))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, sse, request, bpe);
 criterion_main!(benches);

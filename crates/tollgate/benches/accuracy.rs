@@ -4,7 +4,9 @@
 //! the simulator (50 ms latency, so calls overlap), then 50 concurrent clients send
 //! ~100-token calls against a 1,000-token/minute budget until refused, for `after`
 //! (charge after the call) and `reserve` (hold an estimate at admission) accounting.
-//! Prints: mode, limit, concurrency, requests admitted, tokens admitted, ÷ limit.
+//! Then the same with three gateway replicas sharing one budget on Redis
+//! (127.0.0.1:6379), clients spread over the replicas.
+//! Prints: mode, replicas, limit, concurrency, requests admitted, tokens admitted, ÷ limit.
 //!
 //!   cargo bench -p tollgate --bench accuracy
 
@@ -26,7 +28,7 @@ impl Drop for Proc {
     }
 }
 
-fn start_gateway(config: &str) -> (Proc, String) {
+fn start_gateway(config: &str, t0: u64) -> (Proc, String) {
     let dir =
         std::env::temp_dir().join(format!("tg-accuracy-{}-{}", std::process::id(), rand_id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -36,7 +38,7 @@ fn start_gateway(config: &str) -> (Proc, String) {
         .args(["serve", "-c"])
         .arg(&path)
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .arg(format!("--test-clock={T0}"))
+        .arg(format!("--test-clock={t0}"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -65,25 +67,47 @@ fn rand_id() -> u128 {
         .as_nanos()
 }
 
-async fn run(mode: &str, upstream: std::net::SocketAddr) -> (u64, u64) {
+async fn run(mode: &str, upstream: std::net::SocketAddr, replicas: usize) -> (u64, u64) {
+    // Replicas share counters through Redis (127.0.0.1:6379, a prefix of this run's own).
+    let storage = if replicas > 1 {
+        format!(
+            "storage:\n  kind: redis\n  redis:\n    url: redis://127.0.0.1:6379\n    key_prefix: tgbench-acc-{}-{mode}\n    timeout: 500ms\n  on_error: fail_closed\n",
+            rand_id() % 1_000_000_000
+        )
+    } else {
+        String::new()
+    };
     let cfg = format!(
-        "backends:\n  - name: up\n    url: http://{upstream}\nroutes:\n  - name: llm\n    backend: up\nauth:\n  api_keys:\n    keys:\n      - key: k\n        identity: {{ userid: u }}\npolicies:\n  - name: tok\n    kind: TokenRateLimitPolicy\n    accounting: {mode}\n    limits:\n      user:\n        rates: [{{ limit: {LIMIT}, window: 1m }}]\n        counters: [auth.identity.userid]\nlogging:\n  access_log: false\n"
+        "{storage}backends:\n  - name: up\n    url: http://{upstream}\nroutes:\n  - name: llm\n    backend: up\nauth:\n  api_keys:\n    keys:\n      - key: k\n        identity: {{ userid: u }}\npolicies:\n  - name: tok\n    kind: TokenRateLimitPolicy\n    accounting: {mode}\n    limits:\n      user:\n        rates: [{{ limit: {LIMIT}, window: 1m }}]\n        counters: [auth.identity.userid]\nlogging:\n  access_log: false\n"
     );
-    let (_gw, proxy) = start_gateway(&cfg);
+    // On the shared Redis, a clock near now so the keys expire within the hour.
+    let t0 = if replicas > 1 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        now - now % 60_000
+    } else {
+        T0
+    };
+    let gateways: Vec<(Proc, String)> = (0..replicas).map(|_| start_gateway(&cfg, t0)).collect();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)
         .build()
         .unwrap();
-    let url = Arc::new(format!("http://{proxy}/v1/chat/completions"));
+    let urls: Vec<Arc<String>> = gateways
+        .iter()
+        .map(|(_, p)| Arc::new(format!("http://{p}/v1/chat/completions")))
+        .collect();
     let body = serde_json::json!({
         "model": "m",
         "messages": [{"role": "user", "content": "one two three four five six seven eight"}],
         "max_tokens": 90,
     });
     let mut tasks = Vec::new();
-    for _ in 0..CONCURRENCY {
+    for i in 0..CONCURRENCY {
         let client = client.clone();
-        let url = url.clone();
+        let url = urls[i % urls.len()].clone();
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
             let (mut n, mut tokens) = (0u64, 0u64);
@@ -136,12 +160,13 @@ fn main() {
         }));
         tokio::spawn(tollgate_sim::serve(l, sim));
         println!("accuracy: {CONCURRENCY} concurrent clients, ~100-token calls (max_tokens 90), one {LIMIT}-token window, upstream latency 50 ms");
-        println!("| accounting | limit | concurrency | requests admitted | tokens admitted | tokens ÷ limit |");
-        println!("|---|---|---|---|---|---|");
-        for mode in ["after", "reserve"] {
-            let (n, tokens) = run(mode, addr).await;
+        println!("| accounting | replicas (store) | limit | concurrency | requests admitted | tokens admitted | tokens ÷ limit |");
+        println!("|---|---|---|---|---|---|---|");
+        for (mode, replicas) in [("after", 1), ("reserve", 1), ("after", 3), ("reserve", 3)] {
+            let (n, tokens) = run(mode, addr, replicas).await;
+            let store = if replicas > 1 { "redis" } else { "memory" };
             println!(
-                "| {mode} | {LIMIT} | {CONCURRENCY} | {n} | {tokens} | {:.2} |",
+                "| {mode} | {replicas} ({store}) | {LIMIT} | {CONCURRENCY} | {n} | {tokens} | {:.2} |",
                 tokens as f64 / LIMIT as f64
             );
         }

@@ -323,6 +323,7 @@ async fn serve(
                             tracing::warn!(error = %e, "sweep failed");
                         }
                         let st = gw.store_status();
+                        gw.stats.metrics.store_degraded.set(i64::from(!st.healthy));
                         if st.state != last_state {
                             if st.healthy {
                                 tracing::info!(store = st.kind, detail = %st.detail, "counter store healthy again");

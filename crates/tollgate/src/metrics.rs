@@ -85,6 +85,7 @@ pub struct Metrics {
     pub estimated_calls: Counter,
     pub reservation_overshoot_tokens: Counter,
     pub settle_failures: Counter,
+    pub store_degraded: Gauge,
     models: Mutex<HashSet<String>>,
 }
 
@@ -200,6 +201,12 @@ impl Metrics {
             "Settlements the store could not record",
             settle_failures.clone(),
         );
+        let store_degraded = Gauge::default();
+        registry.register(
+            "store_degraded",
+            "1 while the shared counter store is away (fail_open: local counters; fail_closed: 503)",
+            store_degraded.clone(),
+        );
         Self {
             registry,
             requests,
@@ -217,6 +224,7 @@ impl Metrics {
             estimated_calls,
             reservation_overshoot_tokens,
             settle_failures,
+            store_degraded,
             models: Mutex::new(HashSet::new()),
         }
     }

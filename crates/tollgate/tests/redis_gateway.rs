@@ -300,6 +300,24 @@ async fn redis_outage_fail_open_fail_closed_recovery_and_deferred_settlement() {
         .await
         .unwrap();
     assert_eq!(ready["store"]["state"], "degraded", "{ready}");
+    // The metric follows within a sweep tick (1 s).
+    let mut degraded = false;
+    for _ in 0..60 {
+        let m = client()
+            .get(open.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("tollgate_store_degraded 1") {
+            degraded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(degraded, "tollgate_store_degraded never became 1");
 
     // Redis returns: both recover by themselves; the stream's settlement is written.
     redis.restart();
