@@ -58,12 +58,18 @@ pin_project_lite::pin_project! {
         meter: Option<M>,
         passthrough: bool,
         finished: bool,
+        // A passthrough meter reads each chunk after it was handed on (on the next
+        // poll), so metering never delays bytes to the client.
+        unmetered: Option<Bytes>,
     }
 
     impl<B, M: ChunkMeter> PinnedDrop for MeteredBody<B, M> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(mut m) = this.meter.take() {
+                if let Some(b) = this.unmetered.take() {
+                    let _ = m.on_chunk(b);
+                }
                 let _ = m.on_end(BodyEnd::ClientGone);
             }
         }
@@ -78,6 +84,7 @@ impl<B, M: ChunkMeter> MeteredBody<B, M> {
             meter: Some(meter),
             passthrough,
             finished: false,
+            unmetered: None,
         }
     }
 }
@@ -98,6 +105,10 @@ where
         let mut this = self.project();
         if *this.finished {
             return Poll::Ready(None);
+        }
+        if let (Some(b), Some(m)) = (this.unmetered.take(), this.meter.as_mut()) {
+            // Passthrough: the output is the input, already forwarded.
+            let _ = m.on_chunk(b);
         }
         loop {
             return match this.inner.as_mut().poll_frame(cx) {
@@ -123,6 +134,10 @@ where
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
+                        if *this.passthrough && this.meter.is_some() {
+                            *this.unmetered = Some(data.clone());
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
                         let step = match this.meter.as_mut() {
                             None => Step::Forward(data),
                             Some(m) => m.on_chunk(data),
