@@ -58,3 +58,25 @@ def test_metric_families_after_known_traffic(quickstart):
         for s in fam.samples:
             for v in s.labels.values():
                 assert v not in ("user-1", "user-2", "iamafreeuser", "iamagolduser"), (fam.name, s)
+
+
+def test_per_counter_series_are_opt_in_and_capped():
+    import os
+    import conftest
+    with open(os.path.join(conftest.ROOT, "examples", "quickstart.yaml")) as f:
+        cfg = f.read() + "metrics:\n  counter_labels: true\n  max_counter_series: 1\n"
+    gw = conftest.Gateway(cfg)
+    try:
+        gold = openai.OpenAI(base_url=gw.base_url, api_key="iamagolduser", max_retries=0)
+        free = openai.OpenAI(base_url=gw.base_url, api_key="iamafreeuser", max_retries=0)
+        g = gold.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=30)
+        free.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        m = scrape(gw)
+        series = [s for s in m["tollgate_counter_value"].samples]
+        assert len(series) == 1, series  # capped, the most spent first
+        assert series[0].labels["counter"] == "trlp-tutorial-token-limits/gold/60000/user-2"
+        assert series[0].value == g.usage.total_tokens
+        limits = m["tollgate_counter_limit"].samples
+        assert limits[0].value == 200
+    finally:
+        gw.stop()

@@ -117,24 +117,54 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .metrics
         .reservations_outstanding
         .set(i64::try_from(gw.store.outstanding_reservations()).unwrap_or(i64::MAX));
-    if let Ok(views) = gw
+    let views = gw
         .store
         .inspect(gw.clock.now_ms(), &InspectFilter::default())
         .await
-    {
-        gw.stats
-            .metrics
-            .counters_live
-            .set(i64::try_from(views.len()).unwrap_or(i64::MAX));
+        .unwrap_or_default();
+    gw.stats
+        .metrics
+        .counters_live
+        .set(i64::try_from(views.len()).unwrap_or(i64::MAX));
+    let mut text = gw.stats.metrics.encode();
+    let opts = gw.runtime.load().config.metrics.clone();
+    if opts.counter_labels {
+        // Opted in: one series per counter key, the most spent first, capped.
+        let mut views = views;
+        views.sort_by(|a, b| b.value.cmp(&a.value).then_with(|| a.id.cmp(&b.id)));
+        views.truncate(opts.max_counter_series.unwrap_or(500));
+        let body = text.strip_suffix("# EOF\n").unwrap_or(&text).to_owned();
+        let mut values = String::from("# HELP tollgate_counter_value Spent in a counter window, per counter key (opt-in).\n# TYPE tollgate_counter_value gauge\n");
+        let mut limits = String::from("# HELP tollgate_counter_limit Limit per counter key (opt-in).\n# TYPE tollgate_counter_limit gauge\n");
+        for v in &views {
+            let id = escape_label(&v.id);
+            let w = v.window_start;
+            values.push_str(&format!(
+                "tollgate_counter_value{{counter=\"{id}\",window_start=\"{w}\"}} {}\n",
+                v.value
+            ));
+            limits.push_str(&format!(
+                "tollgate_counter_limit{{counter=\"{id}\",window_start=\"{w}\"}} {}\n",
+                v.limit
+            ));
+        }
+        text = format!("{body}{values}{limits}# EOF\n");
     }
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        gw.stats.metrics.encode(),
+        text,
     )
         .into_response()
+}
+
+/// OpenMetrics label value escaping: backslash, quote, newline.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[derive(Deserialize)]

@@ -104,6 +104,21 @@ pub struct Config {
     pub policies: Vec<PolicyConfig>,
     #[serde(default)]
     pub logging: LoggingConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics`: what `/metrics` may expose beyond labels taken from config.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Opt in to one series per counter key (`tollgate_counter_value{counter=...}`):
+    /// counter keys carry user ids, so this is off by default.
+    #[serde(default)]
+    pub counter_labels: bool,
+    /// At most this many counter series, the most spent first (default 500).
+    #[serde(default)]
+    pub max_counter_series: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
