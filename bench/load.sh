@@ -24,6 +24,8 @@
 #   CONCURRENCY [32]        workers (= connections) for the table
 #   STREAM_CONCURRENCY [4]  workers for `stream`
 #   STREAM_TOKENS [500]     tokens per stream
+#   STREAM_MS_PER_TOKEN [0] pacing of the simulated stream (0 = all tokens at once; 1 = a
+#                           real model's pace, which is what time-to-first-byte is about)
 #   DURATION [5s] WARMUP [1s]  per run; RUNS [3] runs per measurement (the median is shown)
 #   LOAD_THREADS [1]        tokio threads of the load generator (leave cores for the servers)
 #   CARGO_TARGET_DIR        where binaries are built/found [<repo>/target]
@@ -73,6 +75,7 @@ done
 CONCURRENCY=${CONCURRENCY:-32}
 STREAM_CONCURRENCY=${STREAM_CONCURRENCY:-4}
 STREAM_TOKENS=${STREAM_TOKENS:-500}
+STREAM_MS_PER_TOKEN=${STREAM_MS_PER_TOKEN:-0}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 RUNS=${RUNS:-3}
@@ -170,7 +173,9 @@ fi
 
 # ---------------------------------------------------------------- start the servers
 SIM_PORT=$(free_port)
-"${SIM_ARGV[@]}" --listen "127.0.0.1:$SIM_PORT" --latency-ms 0 --ms-per-token 0 \
+SIM_PACE=0
+[[ $MODE == stream ]] && SIM_PACE=$STREAM_MS_PER_TOKEN
+"${SIM_ARGV[@]}" --listen "127.0.0.1:$SIM_PORT" --latency-ms 0 --ms-per-token "$SIM_PACE" \
   >"$TMP/sim.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$SIM_PORT/v1/models" "simulator" "$TMP/sim.log"
@@ -386,7 +391,7 @@ else
     measure "str_$t" "${URL[$t]}"
   done
   echo
-  echo "tollgate streaming overhead: POST $PATH_ stream=true include_usage, $STREAM_TOKENS tokens (ms_per_token 0)"
+  echo "tollgate streaming overhead: POST $PATH_ stream=true include_usage, $STREAM_TOKENS tokens (ms_per_token $SIM_PACE)"
   echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores"
   echo
   printf '%-32s %10s %12s %12s %12s %12s %6s\n' "target" "streams/s" "TTFB p50 us" "TTFB p99 us" "total p50 us" "total p99 us" "failed/unsent"
