@@ -1,13 +1,17 @@
 //! One request, top to bottom. Each phase is a plain function over [`RequestContext`]:
 //!
-//! 1. `locate`      — canonical path, host, LLM API detection
-//! 2. `route`       — first matching route (404 otherwise)
-//! 3. `authenticate`— API key → identity (401), per the route's auth mode
-//! 4. `read_body`   — LLM calls only: buffer (capped, 413) and inspect the JSON (400)
-//! 5. `admit`       — CEL attributes → policy plan → one atomic store admission (429)
-//! 6. `forward`     — rewrite headers/body and send upstream (502/504)
-//! 7. `respond`     — rate-limit headers, and a metered body that settles the call's
-//!    real cost when the body ends or the client leaves (see `metering`)
+//! 1. `locate`         — canonical path, host, client address, LLM API detection
+//!    (`GET /v1/tollgate/usage` is answered here by `usage_report`)
+//! 2. `route`          — first matching route (404 otherwise)
+//! 2b. `admit_pre_auth` — request policies with `phase: pre_auth` (429 before any
+//!    credential check)
+//! 3. `authenticate`   — JWT or API key → identity (401), per the route's auth mode
+//! 4. `read_body`      — LLM calls only: buffer (capped, 413) and inspect the JSON (400)
+//! 5. `admit`          — CEL attributes → `auth.authorization` (403) → policy plan →
+//!    one atomic store admission (429), shadow policies counted apart
+//! 6. `forward`        — rewrite headers/body and send upstream (502/504)
+//! 7. respond          — rate-limit headers, and a metered body that settles the call's
+//!    real cost when the body ends, is cut off, or the client leaves (`metering`)
 //!
 //! Errors from any phase go through `GatewayError::into_response`, the one mapping.
 
