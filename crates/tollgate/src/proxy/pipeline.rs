@@ -3,14 +3,14 @@
 //! 1. `locate`         — canonical path, host, client address, LLM API detection
 //!    (`GET /v1/tollgate/usage` is answered here by `usage_report`)
 //! 2. `route`          — first matching route (404 otherwise)
-//! 2b. `admit_pre_auth` — request policies with `phase: pre_auth` (429 before any
+//! 3. `admit_pre_auth` — request policies with `phase: pre_auth` (429 before any
 //!    credential check)
-//! 3. `authenticate`   — JWT or API key → identity (401), per the route's auth mode
-//! 4. `read_body`      — LLM calls only: buffer (capped, 413) and inspect the JSON (400)
-//! 5. `admit`          — CEL attributes → `auth.authorization` (403) → policy plan →
+//! 4. `authenticate`   — JWT or API key → identity (401), per the route's auth mode
+//! 5. `read_body`      — LLM calls only: buffer (capped, 413) and inspect the JSON (400)
+//! 6. `admit`          — CEL attributes → `auth.authorization` (403) → policy plan →
 //!    one atomic store admission (429), shadow policies counted apart
-//! 6. `forward`        — rewrite headers/body and send upstream (502/504)
-//! 7. respond          — rate-limit headers, and a metered body that settles the call's
+//! 7. `forward`        — rewrite headers/body and send upstream (502/504)
+//! 8. respond          — rate-limit headers, and a metered body that settles the call's
 //!    real cost when the body ends, is cut off, or the client leaves (`metering`)
 //!
 //! Errors from any phase go through `GatewayError::into_response`, the one mapping.
@@ -393,7 +393,7 @@ fn route<'a>(rt: &'a Runtime, cx: &mut RequestContext) -> Result<&'a Route, Gate
         .ok_or_else(|| GatewayError::Internal("route index out of range".into()))
 }
 
-/// Phase 3: who is calling.
+/// Phase 4: who is calling.
 async fn authenticate(
     gw: &Gateway,
     rt: &Runtime,
@@ -417,7 +417,7 @@ async fn authenticate(
     }
 }
 
-/// Phase 2b: request policies that run before authentication (floods of bad
+/// Phase 3: request policies that run before authentication (floods of bad
 /// credentials are refused before any key or JWT check). Request counts only: nothing
 /// to settle.
 async fn admit_pre_auth(
@@ -463,7 +463,7 @@ async fn admit_pre_auth(
     }
 }
 
-/// Phase 4: buffer and inspect an LLM request body.
+/// Phase 5: buffer and inspect an LLM request body.
 async fn read_body<B>(
     rt: &Runtime,
     cx: &mut RequestContext,
@@ -561,7 +561,7 @@ pub struct Admitted {
     pub cutoff: Option<Cutoff>,
 }
 
-/// Phase 5: evaluate policies and take counters atomically.
+/// Phase 6: evaluate policies and take counters atomically.
 async fn admit(
     gw: &Arc<Gateway>,
     rt: &Arc<Runtime>,
@@ -745,19 +745,18 @@ async fn admit(
         }
     }
 
-    let mut ops = Vec::with_capacity(plan.ops.len());
-    let mut origins = Vec::with_capacity(plan.ops.len());
-    let mut window_starts = Vec::with_capacity(plan.ops.len());
-    for (j, &i) in enforced.iter().enumerate() {
-        ops.push(plan.ops[i].clone());
-        origins.push(plan.origins[i].clone());
-        window_starts.push(snapshots.get(j).map(|s| s.window_start).unwrap_or(0));
-    }
-    for (j, &i) in shadow.iter().enumerate() {
-        ops.push(plan.ops[i].clone());
-        origins.push(plan.origins[i].clone());
-        window_starts.push(shadow_snapshots.get(j).map(|s| s.window_start).unwrap_or(0));
-    }
+    // Settlement sees the enforced ops, then the shadow ones, each with its window.
+    let window_starts: Vec<u64> = (0..enforced.len())
+        .map(|j| snapshots.get(j).map_or(0, |s| s.window_start))
+        .chain((0..shadow.len()).map(|j| shadow_snapshots.get(j).map_or(0, |s| s.window_start)))
+        .collect();
+    let origins: Vec<_> = enforced
+        .iter()
+        .chain(shadow.iter())
+        .map(|&i| plan.origins[i].clone())
+        .collect();
+    let mut ops = enforced_ops;
+    ops.extend(shadow_ops);
     Ok(Admitted {
         settle: Settle {
             gw: gw.clone(),
@@ -788,7 +787,7 @@ async fn admit(
     })
 }
 
-/// Phases 6 and 7: send upstream, answer with a metered body.
+/// Phases 7 and 8: send upstream, answer with a metered body.
 async fn forward<B>(
     gw: &Arc<Gateway>,
     rt: &Arc<Runtime>,
