@@ -10,10 +10,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-fn sim_backend(addr: std::net::SocketAddr) -> String {
-    format!("  - name: up\n    url: http://{addr}\n")
-}
-
 async fn chat(gw: &Gateway, key: &str, max_tokens: u64) -> reqwest::Response {
     client()
         .post(gw.url("/v1/chat/completions"))

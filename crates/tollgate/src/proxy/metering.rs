@@ -140,15 +140,21 @@ impl Settle {
         let ops = std::mem::take(&mut self.ops);
         let origins = std::mem::take(&mut self.origins);
         let window_starts = std::mem::take(&mut self.window_starts);
+        // A policy's cost is the same for all its counters (tiers): price it once.
+        let mut costs: Vec<(usize, u64)> = Vec::new();
         for ((op, origin), window_start) in ops.into_iter().zip(origins.iter()).zip(window_starts) {
             let actual = match (origin.kind, usage.as_ref()) {
                 (CounterKind::Tokens, Some(u)) => {
-                    let policy = &self.rt.policies[origin.policy];
-                    match cost(policy, u, &self.attrs) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(policy = %policy.name, error = %e, "cost expression failed; charging total tokens");
-                            u.total_tokens
+                    match costs.iter().find(|(p, _)| *p == origin.policy) {
+                        Some(&(_, c)) => c,
+                        None => {
+                            let policy = &self.rt.policies[origin.policy];
+                            let c = cost(policy, u, &self.attrs).unwrap_or_else(|e| {
+                                tracing::warn!(policy = %policy.name, error = %e, "cost expression failed; charging total tokens");
+                                u.total_tokens
+                            });
+                            costs.push((origin.policy, c));
+                            c
                         }
                     }
                 }

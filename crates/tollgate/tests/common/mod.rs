@@ -260,6 +260,11 @@ impl Upstream {
     }
 }
 
+/// A backend named `up` pointing at `addr`, for [`quickstart_config`].
+pub fn sim_backend(addr: SocketAddr) -> String {
+    format!("  - name: up\n    url: http://{addr}\n")
+}
+
 /// The quickstart policies in front of `backend_yaml`.
 pub fn quickstart_config(backends_yaml: &str) -> String {
     format!(
