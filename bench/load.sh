@@ -27,6 +27,8 @@
 #   STREAM_MS_PER_TOKEN [0] pacing of the simulated stream (0 = all tokens at once; 1 = a
 #                           real model's pace, which is what time-to-first-byte is about)
 #   DURATION [5s] WARMUP [1s]  per run; RUNS [3] runs per measurement (the median is shown)
+#   REDIS_RATE              with --redis: the fixed load at which memory and Redis counters are
+#                           compared [half the Redis row's saturation throughput]
 #   LOAD_THREADS [1]        tokio threads of the load generator (leave cores for the servers)
 #   CARGO_TARGET_DIR        where binaries are built/found [<repo>/target]
 #   SIM_CMD                 simulator command [<bin>/tollgate sim]
@@ -368,6 +370,16 @@ if [[ $MODE == table ]]; then
     log "fixed load $RATE req/s, $t..."
     measure "fix_$t" "${URL[$t]}" "$RATE"
   done
+  # Memory vs Redis at a load both can hold (the quarter-of-direct load above may be more
+  # than the Redis row sustains on a small box): half the Redis row's saturation.
+  if [[ -n ${GWPORT[tollgate-redis]:-} && -n $GW_PORT ]]; then
+    RRATE=${REDIS_RATE:-$(awk -v r="${RPS[sat_tollgate-redis]}" 'BEGIN { printf "%d", r / 2 }')}
+    [[ $RRATE -ge 1 ]] || RRATE=1
+    for t in tollgate tollgate-redis; do
+      log "fixed load $RRATE req/s (memory vs Redis), $t..."
+      measure "fixr_$t" "${URL[$t]}" "$RRATE"
+    done
+  fi
 
   echo
   echo "tollgate end-to-end benchmark: POST $PATH_ (non-streaming, max_tokens 16), simulator latency 0"
@@ -385,6 +397,20 @@ if [[ $MODE == table ]]; then
       printf '%-32s %-24s %10s %10s %10s %12s %6s\n' "${LABEL[$t]}" "$load" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "$delta" "${BAD[$k]}"
     done
   done
+  if [[ -n ${RRATE:-} ]]; then
+    echo
+    echo "memory vs Redis counters (same policies; Redis on 127.0.0.1:6379, sharing the cores):"
+    printf '%-32s %-24s %10s %10s %10s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "failed/unsent"
+    for t in tollgate tollgate-redis; do
+      k=fixr_$t
+      printf '%-32s %-24s %10s %10s %10s %6s\n' "${LABEL[$t]}" "fixed $RRATE req/s" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "${BAD[$k]}"
+    done
+    awk -v rs="${RPS[sat_tollgate-redis]}" -v ms="${RPS[sat_tollgate]}" \
+        -v r50="${P50[fixr_tollgate-redis]}" -v m50="${P50[fixr_tollgate]}" \
+        -v r99="${P99[fixr_tollgate-redis]}" -v m99="${P99[fixr_tollgate]}" 'BEGIN {
+      printf "Redis keeps %.1f%% of memory-mode throughput at saturation; at the fixed load Redis adds %+d us at p50, %+d us at p99\n",
+        100 * rs / ms, r50 - m50, r99 - m99 }'
+  fi
 else
   for t in "${TARGETS[@]}"; do
     log "stream, $t (c=$C)..."

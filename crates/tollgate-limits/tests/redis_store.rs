@@ -829,3 +829,111 @@ async fn local_admissions_settle_locally() {
         .is_err());
     assert!(closed.inspect(t, &Default::default()).await.is_err());
 }
+
+/// Every key the scripts leave behind carries an expiry, whatever path wrote it: pure
+/// checks (after mode), reservations settled below and above the estimate, request
+/// counts, a settlement landing in an ended window, refusals, buckets, concurrency
+/// counters. (The scripts skip writes and expiry refreshes where nothing changes; this
+/// is what keeps those shortcuts honest.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_has_an_expiry() {
+    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap();
+    let now = SystemClock.now_ms();
+    let base = format!("{}/ttl/", run_id());
+    let after = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{base}after"), 100, 0, 0)
+    };
+    let reserve = fixed(&format!("{base}reserve"), 100, 0, 10);
+    let requests = CounterOp {
+        kind: CounterKind::Requests,
+        ..fixed(&format!("{base}requests"), 100, 1, 0)
+    };
+    let bucket = CounterOp {
+        rate: Rate::Bucket {
+            limit: 1_000,
+            per_ms: MINUTE,
+            burst: 0,
+        },
+        ..fixed(&format!("{base}bucket"), 0, 0, 5)
+    };
+    let conc = CounterOp {
+        kind: CounterKind::InFlight,
+        rate: Rate::Concurrency { limit: 4 },
+        ..fixed(&format!("{base}conc"), 0, 1, 0)
+    };
+    let all = [after, reserve, requests, bucket, conc];
+    for (i, actual) in [(0u64, 3u64), (1, 30), (2, 0)] {
+        let at = now + i * 1_000;
+        let r = rid();
+        let a = store.admit(at, &all, r, at + 30_000).await.unwrap();
+        store
+            .settle(at, &settlements(&all, &a, r, actual))
+            .await
+            .unwrap();
+    }
+    // Admitted in this window, settled after it ended (within grace).
+    let r = rid();
+    let a = store.admit(now, &all, r, now + 30_000).await.unwrap();
+    store
+        .settle(now + MINUTE, &settlements(&all, &a, r, 7))
+        .await
+        .unwrap();
+    // A refusal: the reserve counter cannot fit 1000.
+    let greedy = fixed(&format!("{base}reserve"), 100, 0, 1_000);
+    assert!(matches!(
+        store
+            .admit(now, &[greedy], rid(), now + 30_000)
+            .await
+            .unwrap(),
+        Admission::Refused(_)
+    ));
+    // A hold left unsettled.
+    store
+        .admit(now, &all[1..2], rid(), now + 30_000)
+        .await
+        .unwrap();
+
+    let client = ::redis::Client::open(SHARED_URL).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("*{base}*");
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.extend(page);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    // State hashes of all five counters, and the holds of the unsettled reservation.
+    for part in [
+        "after:w:",
+        "reserve:w:",
+        "requests:w:",
+        "bucket:b",
+        "conc:c",
+    ] {
+        assert!(keys.iter().any(|k| k.contains(part)), "{part}: {keys:?}");
+    }
+    assert!(keys.iter().any(|k| k.ends_with(":h")), "holds: {keys:?}");
+    for k in &keys {
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{k} has no expiry (PTTL {ttl})");
+    }
+}

@@ -53,7 +53,7 @@ storage:
   redis:
     url: {redis_url}
     key_prefix: {prefix}
-    timeout: 50ms
+    timeout: 500ms
     connect_timeout: 200ms
   on_error: {on_error}
 backends:

@@ -1021,6 +1021,9 @@ impl Store for RedisStore {
                     };
                     let (limit, p, q) = rate_args(&s.op.rate, s.window_start, window_end);
                     inv.key(&k.state).key(&k.holds);
+                    // Admission holds `reserve` (a concurrency counter: `commit` too).
+                    let may_hold = s.op.reserve > 0
+                        || (matches!(s.op.rate, Rate::Concurrency { .. }) && s.op.commit > 0);
                     inv.arg(type_code(&s.op.rate))
                         .arg(s.reservation.0)
                         .arg(exact(s.actual))
@@ -1028,7 +1031,8 @@ impl Store for RedisStore {
                         .arg(kind_code(s.op.kind))
                         .arg(limit)
                         .arg(p)
-                        .arg(q);
+                        .arg(q)
+                        .arg(u8::from(may_hold));
                 }
                 inv
             })

@@ -31,6 +31,13 @@ local MAX = 9007199254740991
 local function num(x) return tonumber(x) or 0 end
 local function str(n) return string.format('%d', n) end
 local function cap(n) if n > MAX then return MAX elseif n < 0 then return 0 end return n end
+-- Add n (either sign) to integer field f, saturating at 0 and MAX. Returns the result.
+local function incr(h, f, n)
+  local v = redis.call('HINCRBY', h, f, str(n))
+  if v > MAX then v = MAX elseif v < 0 then v = 0 else return v end
+  redis.call('HSET', h, f, str(v))
+  return v
+end
 -- floor(a / b) for integers 0 <= a <= MAX, b >= 1, corrected for rounding.
 local function idiv(a, b)
   local q = math.floor(a / b)
@@ -67,14 +74,13 @@ local function release(h, z, rid)
   if not a then return 0 end
   redis.call('HDEL', h, f)
   redis.call('ZREM', z, rid)
-  redis.call('HSET', h, 'r', str(cap(num(redis.call('HGET', h, 'r')) - num(a))))
+  incr(h, 'r', -num(a))
   return 1
 end
 -- Hold `amount` under `rid` (merged with an earlier hold of the same reservation).
 local function hold(h, z, rid, amount, deadline)
-  local f = 'a' .. rid
-  redis.call('HSET', h, f, str(cap(num(redis.call('HGET', h, f)) + amount)))
-  redis.call('HSET', h, 'r', str(cap(num(redis.call('HGET', h, 'r')) + amount)))
+  incr(h, 'a' .. rid, amount)
+  incr(h, 'r', amount)
   redis.call('ZADD', z, 'GT', str(deadline), rid)
 end
 -- The latest hold deadline, or `floor`.
@@ -141,13 +147,22 @@ for i = 1, n do
   local commit, reserve = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local limit, earlier = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
   local p, q = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10])
-  purged = purged + purge(h, z, now)
   local value, raw, reserved, ceiling = 0, 0, 0, limit
   if ty == 'f' then
+    -- Holds exist only while `r` > 0 (every hold is positive), so the common case of a
+    -- counter without holds costs one read.
     local s = redis.call('HMGET', h, 'v', 'r')
     value, reserved = num(s[1]), num(s[2])
+    if reserved > 0 then
+      local k = purge(h, z, now)
+      if k > 0 then
+        purged = purged + k
+        reserved = num(redis.call('HGET', h, 'r'))
+      end
+    end
     raw = value
   elseif ty == 'b' then
+    purged = purged + purge(h, z, now)
     local d, at = bucket_at(h, now, p)
     if redis.call('EXISTS', h) == 1 then
       redis.call('HSET', h, 'd', str(d), 'at', str(at), 'pm', str(p), 'lim', str(limit), 'bu', str(q))
@@ -156,6 +171,7 @@ for i = 1, n do
     reserved = num(redis.call('HGET', h, 'r'))
     value, raw, ceiling = cdiv(d, p), d, cap(limit + q)
   else
+    purged = purged + purge(h, z, now)
     reserved = num(redis.call('HGET', h, 'r'))
   end
   local used = value + reserved + earlier
@@ -183,10 +199,18 @@ for i = 1, n do
   if ty == 'c' then held = commit + reserve end
   if deadline <= now then held = 0 end
   if ty == 'f' then
-    local v = num(redis.call('HGET', h, 'v'))
-    redis.call('HSET', h, 'y', 'f', 'id', id, 'k', kind, 'lim', str(limit), 's', str(p), 'e', str(q), 'v', str(cap(v + commit)))
-    if held > 0 then hold(h, z, rid, held, deadline) end
-    expire(h, z, q + grace)
+    -- A pure check (after-mode tokens) writes nothing. `v` is absent exactly when the
+    -- window's hash does not exist yet: only then does it need its expiry (always the
+    -- window's end plus grace); the holds set gets it whenever a hold is added.
+    if commit > 0 or held > 0 then
+      local v = redis.call('HGET', h, 'v')
+      redis.call('HSET', h, 'y', 'f', 'id', id, 'k', kind, 'lim', str(limit), 's', str(p), 'e', str(q), 'v', str(cap(num(v) + commit)))
+      if held > 0 then
+        hold(h, z, rid, held, deadline)
+        redis.call('PEXPIREAT', z, str(cap(q + grace)))
+      end
+      if not v then redis.call('PEXPIREAT', h, str(cap(q + grace))) end
+    end
   elseif ty == 'b' then
     local d, at = bucket_at(h, now, p)
     d = cap(d + commit * p)
@@ -208,38 +232,44 @@ return out
 /// window — even if it ended, unless it is past its grace (then the charge is dropped).
 ///
 /// - `KEYS` as in [`ADMIT`].
-/// - `ARGV[1]` now, `ARGV[2]` grace, `ARGV[3]` number n; then 8 per settlement from
-///   `ARGV[4 + 8(i-1)]`: type, reservation id, actual, counter id, kind, limit, then for
-///   `f` window start and end, for `b` period and burst.
+/// - `ARGV[1]` now, `ARGV[2]` grace, `ARGV[3]` number n; then 9 per settlement from
+///   `ARGV[4 + 9(i-1)]`: type, reservation id, actual, counter id, kind, limit, then for
+///   `f` window start and end, for `b` period and burst; then whether the admission may
+///   have held units for this op (`1`/`0`: without a hold there is nothing to release).
 ///
 /// Returns `{holds purged, then per settlement: released (1/0), dropped (1/0)}`.
 /// A bucket is charged at its stored period (a missing one at the op's); a concurrency
-/// counter spends nothing.
+/// counter spends nothing. Due holds of fixed windows are left to admission, inspection
+/// and sweep (which release them anyway), so a settlement without a hold is one write.
 pub(crate) const SETTLE: &str = concat!(
     helpers!(),
     r#"
 local now, grace, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {0}
 for i = 1, n do
-  local h, z, a = KEYS[2 * i - 1], KEYS[2 * i], 3 + 8 * (i - 1)
+  local h, z, a = KEYS[2 * i - 1], KEYS[2 * i], 3 + 9 * (i - 1)
   local ty, rid, actual = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   local id, kind, limit = ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6])
-  local p, q = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
-  out[1] = out[1] + purge(h, z, now)
+  local p, q, mayhold = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), ARGV[a + 9] == '1'
+  if ty ~= 'f' then out[1] = out[1] + purge(h, z, now) end
   local released, dropped = 0, 0
   if ty == 'f' and q + grace <= now then
     -- Past its grace by the engine's clock: gone, with any holds, whatever Redis' clock says.
     redis.call('DEL', h, z)
     if actual > 0 then dropped = 1 end
   else
-    released = release(h, z, rid)
+    if mayhold then released = release(h, z, rid) end
     if ty == 'f' then
       if actual > 0 then
-        local v = num(redis.call('HGET', h, 'v'))
-        redis.call('HSET', h, 'y', 'f', 'id', id, 'k', kind, 's', str(p), 'e', str(q), 'v', str(cap(v + actual)))
-        redis.call('HSETNX', h, 'lim', str(limit))
+        -- `v` equal to `actual` afterwards: the hash may be new, so it gets its
+        -- description and expiry (the window's end plus grace, as at admission).
+        local v = incr(h, 'v', actual)
+        if v == actual then
+          redis.call('HSET', h, 'y', 'f', 'id', id, 'k', kind, 's', str(p), 'e', str(q))
+          redis.call('HSETNX', h, 'lim', str(limit))
+          redis.call('PEXPIREAT', h, str(cap(q + grace)))
+        end
       end
-      if redis.call('EXISTS', h) == 1 then expire(h, z, q + grace) end
     elseif ty == 'b' then
       if actual > 0 then
         local pm = num(redis.call('HGET', h, 'pm'))
