@@ -22,7 +22,7 @@ pub mod window;
 
 pub use counter::{CounterId, CounterKind, CounterOp, Need, Rate};
 pub use store::memory::MemoryStore;
-pub use store::redis::{RedisConfig, RedisStore};
+pub use store::redis::{RedisConfig, RedisStore, RedisTls};
 pub use store::resilient::{ResilientStore, StoreState};
 pub use store::{
     Admission, CounterSnapshot, CounterView, InspectFilter, Refusal, Settlement, Store, StoreError,

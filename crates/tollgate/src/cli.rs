@@ -196,6 +196,7 @@ fn build_store(
                     .unwrap_or(defaults.connect_timeout_ms),
                 settle_grace_ms: grace,
                 sweep_scan_interval_ms: defaults.sweep_scan_interval_ms,
+                tls: rt.redis_tls.clone(),
             };
             // Lazy: the gateway starts (and follows on_error) while Redis is away, and
             // connects by itself when it answers.

@@ -130,6 +130,8 @@ pub struct Runtime {
     pub has_pre_auth: bool,
     /// Bearer token for the admin API, if configured.
     pub admin_token: Option<Arc<str>>,
+    /// `storage.redis.tls`, its files read.
+    pub redis_tls: Option<tollgate_limits::RedisTls>,
     /// Some expression reads `request.headers` (else the map is not built per request).
     pub cel_reads_headers: bool,
     /// The config it was built from (secrets are never serialised from it).
@@ -190,6 +192,36 @@ impl Runtime {
             },
             (None, None) => None,
         };
+        let redis_tls = cfg
+            .storage
+            .redis
+            .as_ref()
+            .and_then(|r| r.tls.as_ref())
+            .map(|tls| {
+                let mut read = |field: &str, file: &Option<String>| {
+                    let f = file.as_deref()?;
+                    std::fs::read(f)
+                        .map_err(|e| {
+                            b.err(
+                                format!("storage.redis.tls.{field}"),
+                                format!("cannot read `{f}`: {e}"),
+                            )
+                        })
+                        .ok()
+                };
+                let tls_cfg = tollgate_limits::RedisTls {
+                    ca_pem: read("ca_file", &tls.ca_file),
+                    client_cert_pem: read("cert_file", &tls.cert_file),
+                    client_key_pem: read("key_file", &tls.key_file),
+                };
+                if tls.cert_file.is_some() != tls.key_file.is_some() {
+                    b.err(
+                        "storage.redis.tls",
+                        "`cert_file` and `key_file` go together (mutual TLS needs both)",
+                    );
+                }
+                tls_cfg
+            });
         if admin_token.is_none() && admin_listen.is_some_and(|a| !a.ip().is_loopback()) {
             b.warn(
                 "admin.listen",
@@ -642,6 +674,7 @@ impl Runtime {
                 authorization,
                 trusted_proxies,
                 admin_token,
+                redis_tls,
                 config: cfg,
             },
             warnings,

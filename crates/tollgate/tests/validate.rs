@@ -130,3 +130,17 @@ fn not_yaml_at_all() {
     assert_eq!(code, 1);
     assert!(out.contains("not valid YAML"), "{out}");
 }
+
+#[test]
+fn redis_tls_files_must_be_readable_and_paired() {
+    let (code, out) = validate(&format!(
+        "storage:\n  kind: redis\n  redis:\n    url: rediss://127.0.0.1:6380\n    tls:\n      ca_file: /nonexistent/ca.pem\n      cert_file: /nonexistent/client.pem\n{GOOD_HEAD}"
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("storage.redis.tls.ca_file"), "{out}");
+    assert!(out.contains("cannot read `/nonexistent/ca.pem`"), "{out}");
+    assert!(
+        out.contains("`cert_file` and `key_file` go together"),
+        "{out}"
+    );
+}

@@ -58,7 +58,10 @@ use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{
     MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
 };
-use ::redis::{Client, FromRedisValue, RedisError, RedisResult, Script, ScriptInvocation, Value};
+use ::redis::{
+    Client, ClientTlsConfig, FromRedisValue, RedisError, RedisResult, Script, ScriptInvocation,
+    TlsCertificates, Value,
+};
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use serde::Deserialize;
@@ -90,9 +93,9 @@ static RESET: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::RESET));
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// A single node, e.g. `redis://127.0.0.1:6379/0` (`rediss://` needs a TLS feature
-    /// of the `redis` crate, not enabled). Ignored when `cluster` is set; when neither is,
-    /// `redis://127.0.0.1:6379`.
+    /// A single node, e.g. `redis://127.0.0.1:6379/0`, or `rediss://…` for TLS (rustls;
+    /// the system's trust store unless [`RedisTls::ca_pem`] is given). Ignored when
+    /// `cluster` is set; when neither is, `redis://127.0.0.1:6379`.
     pub url: Option<String>,
     /// Redis Cluster seed nodes (`redis://host:port`); the topology is discovered.
     pub cluster: Option<Vec<String>>,
@@ -111,6 +114,54 @@ pub struct RedisConfig {
     /// the counters they touch anyway, and keys expire by themselves, so the walk only
     /// tidies counters nobody uses any more.
     pub sweep_scan_interval_ms: u64,
+    /// Certificates for `rediss://` nodes (the caller reads the files).
+    #[serde(skip)]
+    pub tls: Option<RedisTls>,
+}
+
+/// PEM material for TLS to Redis: a private CA to trust instead of the system's roots,
+/// and a client certificate for mutual TLS. Never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca_pem: Option<Vec<u8>>,
+    pub client_cert_pem: Option<Vec<u8>>,
+    pub client_key_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |x: &Option<Vec<u8>>| if x.is_some() { "<set>" } else { "<none>" };
+        f.debug_struct("RedisTls")
+            .field("ca_pem", &set(&self.ca_pem))
+            .field("client_cert_pem", &set(&self.client_cert_pem))
+            .field("client_key_pem", &set(&self.client_key_pem))
+            .finish()
+    }
+}
+
+impl RedisTls {
+    /// `None` when nothing beyond the system trust store is asked for.
+    fn certificates(&self) -> Result<Option<TlsCertificates>, StoreError> {
+        let client_tls =
+            match (&self.client_cert_pem, &self.client_key_pem) {
+                (Some(cert), Some(key)) => Some(ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+                (None, None) => None,
+                _ => return Err(StoreError::Unavailable(
+                    "redis config: a client certificate needs its key, and a key its certificate"
+                        .into(),
+                )),
+            };
+        if client_tls.is_none() && self.ca_pem.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(TlsCertificates {
+            client_tls,
+            root_cert: self.ca_pem.clone(),
+        }))
+    }
 }
 
 impl Default for RedisConfig {
@@ -123,6 +174,7 @@ impl Default for RedisConfig {
             connect_timeout_ms: 1_000,
             settle_grace_ms: 300_000,
             sweep_scan_interval_ms: 60_000,
+            tls: None,
         }
     }
 }
@@ -210,21 +262,31 @@ impl RedisStore {
         let bad = |e: RedisError| StoreError::Unavailable(format!("redis config: {e}"));
         keys::check_prefix(&cfg.key_prefix)
             .map_err(|e| StoreError::Unavailable(format!("redis config: {e}")))?;
+        let certs = match &cfg.tls {
+            Some(tls) => tls.certificates()?,
+            None => None,
+        };
         let (target, cluster) = match cfg.cluster.as_deref() {
             Some(nodes) if !nodes.is_empty() => {
-                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str))
                     .connection_timeout(connect_timeout)
                     .response_timeout(timeout)
                     .retries(3)
                     .min_retry_wait(10)
-                    .max_retry_wait(200)
-                    .build()
-                    .map_err(bad)?;
+                    .max_retry_wait(200);
+                if let Some(certs) = certs {
+                    builder = builder.certs(certs);
+                }
+                let client = builder.build().map_err(bad)?;
                 (Target::Cluster(client, connect_timeout), true)
             }
             _ => {
                 let url = cfg.url.as_deref().unwrap_or("redis://127.0.0.1:6379");
-                let client = Client::open(url).map_err(bad)?;
+                let client = match certs {
+                    Some(certs) => Client::build_with_tls(url, certs),
+                    None => Client::open(url),
+                }
+                .map_err(bad)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(Some(timeout))

@@ -181,6 +181,25 @@ pub struct RedisStorageConfig {
     /// Bound on connecting (default 1s).
     #[serde(default)]
     pub connect_timeout: Option<ConfigDuration>,
+    /// For `rediss://` nodes: a private CA and/or a client certificate (mutual TLS).
+    /// Without it, `rediss://` verifies against the system's trust store.
+    #[serde(default)]
+    pub tls: Option<RedisTlsConfig>,
+}
+
+/// `storage.redis.tls`: PEM files, read at load (and at every reload).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    /// CA certificate(s) to trust instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Client certificate chain, for servers that require client certificates.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// The client certificate's private key.
+    #[serde(default)]
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
