@@ -288,6 +288,7 @@ fn locate(
     peer: SocketAddr,
     started: Instant,
 ) -> Result<RequestContext, GatewayError> {
+    check_header_limits(&rt.limits, &parts.headers)?;
     let raw_path = parts.uri.path().to_owned();
     let path = canonicalize(&raw_path).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     let host = parts
@@ -330,6 +331,31 @@ fn locate(
         identity: Identity::anonymous(),
         route: None,
     })
+}
+
+/// `server.max_headers` / `server.max_header_bytes` (names plus values) → 431.
+fn check_header_limits(
+    limits: &crate::runtime::Limits,
+    headers: &HeaderMap,
+) -> Result<(), GatewayError> {
+    if headers.len() > limits.max_headers {
+        return Err(GatewayError::HeadersTooLarge(format!(
+            "Request has {} header fields; at most {} are accepted.",
+            headers.len(),
+            limits.max_headers
+        )));
+    }
+    let bytes: u64 = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+        .sum();
+    if bytes > limits.max_header_bytes {
+        return Err(GatewayError::HeadersTooLarge(format!(
+            "Request headers are {bytes} bytes; at most {} are accepted.",
+            limits.max_header_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// `X-Forwarded-For` is believed only from trusted proxies: walk it from the right,
@@ -938,10 +964,11 @@ where
     for (k, v) in rl_headers {
         headers.insert(k, v);
     }
+    let streamed = is_sse || cx.llm.as_ref().map(|l| l.stream).unwrap_or(false);
     let meter = CallMeter::new(
         settle,
         cx.api,
-        is_sse || cx.llm.as_ref().map(|l| l.stream).unwrap_or(false),
+        streamed,
         strip_usage,
         rt.limits.max_response_buffer_bytes,
         cutoff,
@@ -949,7 +976,9 @@ where
     if !meter_passthrough(&meter) {
         headers.remove(CONTENT_LENGTH);
     }
-    let mut resp = Response::new(MeteredBody::new(resp_body, meter).boxed_unsync());
+    let body = MeteredBody::new(resp_body, meter)
+        .with_idle_timeout(rt.limits.upstream_idle_timeout, streamed);
+    let mut resp = Response::new(body.boxed_unsync());
     *resp.status_mut() = resp_parts.status;
     *resp.headers_mut() = headers;
     Ok(resp)
