@@ -558,3 +558,741 @@ async fn silent_upstream_stream_is_ended_cleanly_and_charged() {
         2.0
     );
 }
+
+// ---------------------------------------------------------------- credentials
+
+#[tokio::test]
+async fn api_key_attacks_are_401_and_never_forwarded() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(up.addr, "  max_header_bytes: 65536", 1_000_000));
+    let c = client();
+    let long = format!("Bearer {}", "k".repeat(20_000));
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("missing", vec![]),
+        ("empty", vec![("authorization", String::new())]),
+        ("scheme only", vec![("authorization", "Bearer".into())]),
+        ("no space", vec![("authorization", "Bearerk1".into())]),
+        ("unknown scheme", vec![("authorization", "Basic k1".into())]),
+        ("key case", vec![("authorization", "Bearer K1".into())]),
+        (
+            "trailing junk",
+            vec![("authorization", "Bearer k1 k1".into())],
+        ),
+        (
+            "prefix of a key",
+            vec![("authorization", "Bearer k".into())],
+        ),
+        (
+            "key plus byte",
+            vec![("authorization", "Bearer k1x".into())],
+        ),
+        ("garbage", vec![("authorization", "\u{7f}\u{1}zz".into())]),
+        ("long", vec![("authorization", long.clone())]),
+        ("x-api-key wrong", vec![("x-api-key", "nope".into())]),
+        (
+            // Authorization wins; a good x-api-key does not rescue a bad one.
+            "bad authorization, good x-api-key",
+            vec![
+                ("authorization", "Bearer nope".into()),
+                ("x-api-key", "k1".into()),
+            ],
+        ),
+    ];
+    for (what, headers) in cases {
+        let mut req = c.post(gw.url("/v1/chat/completions"));
+        for (k, v) in &headers {
+            req = req.header(*k, v.as_bytes());
+        }
+        let r = match req.json(&chat_body(2)).send().await {
+            Ok(r) => r,
+            // reqwest refuses some bytes itself (never sent): nothing to check.
+            Err(_) if what == "garbage" => continue,
+            Err(e) => panic!("{what}: {e}"),
+        };
+        assert_eq!(r.status(), 401, "{what}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer", "{what}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{what}");
+        assert!(
+            !v.to_string().contains("kkkkkkkk"),
+            "{what}: credential echoed"
+        );
+    }
+    assert_eq!(up.served(), 0);
+    // Odd case and spacing in the scheme are fine; the key itself is exact.
+    for auth in [
+        "bearer k1",
+        "BEARER k1",
+        "Bearer    k1",
+        "Bearer\tk1",
+        "apikey k1",
+        "  Bearer k1  ",
+    ] {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", auth)
+            .json(&chat_body(2))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{auth:?}");
+    }
+    // Past the header cap: 431, also never forwarded.
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {}", "k".repeat(70_000)))
+        .json(&chat_body(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(up.served(), 6);
+    assert!(!gw.logs().contains("kkkkkkkk"), "credential in logs");
+}
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/jwt/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn jwt_config(up: SocketAddr) -> String {
+    let pem = fixture("rsa_a.pub.pem")
+        .trim()
+        .replace('\n', "\n          ");
+    format!(
+        r#"
+backends:
+  - name: up
+    url: http://{up}
+routes:
+  - name: llm
+    match: {{ path_prefix: /v1 }}
+    backend: up
+auth:
+  jwt:
+    providers:
+      - name: test
+        issuer: https://issuer.test
+        audiences: [tollgate]
+        leeway: 0s
+        public_key_pem: |
+          {pem}
+        identity:
+          userid: claims.sub
+policies:
+  - name: tok
+    kind: TokenRateLimitPolicy
+    accounting: reserve
+    limits:
+      user:
+        rates: [{{ limit: 100000, window: 1m }}]
+        counters: [auth.identity.userid]
+"#
+    )
+}
+
+fn mint(alg: jsonwebtoken::Algorithm, key: &jsonwebtoken::EncodingKey, claims: &Value) -> String {
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), claims, key).unwrap()
+}
+
+#[tokio::test]
+async fn jwt_alg_confusion_expiry_and_foreign_keys_are_401() {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&jwt_config(up.addr));
+    let now = T0 / 1000;
+    let rsa_a = EncodingKey::from_rsa_pem(fixture("rsa_a.key.pem").as_bytes()).unwrap();
+    let rsa_b = EncodingKey::from_rsa_pem(fixture("rsa_b.key.pem").as_bytes()).unwrap();
+    let claims = |exp: u64| json!({"iss": "https://issuer.test", "aud": "tollgate", "sub": "mallory", "exp": exp});
+    let good = mint(Algorithm::RS256, &rsa_a, &claims(now + 3600));
+    let c = client();
+    let call = |token: String| {
+        c.post(gw.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {token}"))
+            .json(&chat_body(2))
+            .send()
+    };
+    assert_eq!(call(good.clone()).await.unwrap().status(), 200);
+
+    // HS256 "signed" with the provider's RSA public key as the HMAC secret.
+    let confused = mint(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(fixture("rsa_a.pub.pem").as_bytes()),
+        &claims(now + 3600),
+    );
+    let confused_trimmed = mint(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(fixture("rsa_a.pub.pem").trim().as_bytes()),
+        &claims(now + 3600),
+    );
+    let expired = mint(Algorithm::RS256, &rsa_a, &claims(now - 1));
+    let not_yet = {
+        let mut cl = claims(now + 3600);
+        cl["nbf"] = json!(now + 600);
+        mint(Algorithm::RS256, &rsa_a, &cl)
+    };
+    let other_key = mint(Algorithm::RS256, &rsa_b, &claims(now + 3600));
+    let wrong_aud = {
+        let mut cl = claims(now + 3600);
+        cl["aud"] = json!("someone-else");
+        mint(Algorithm::RS256, &rsa_a, &cl)
+    };
+    let wrong_iss = {
+        let mut cl = claims(now + 3600);
+        cl["iss"] = json!("https://evil.test");
+        mint(Algorithm::RS256, &rsa_a, &cl)
+    };
+    // PS256 header over an RS256 signature: same key, different algorithm.
+    let alg_swapped = {
+        use base64::Engine as _;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+        parts[0] = e.encode(r#"{"alg":"PS256","typ":"JWT"}"#);
+        parts.join(".")
+    };
+    let none_alg = {
+        use base64::Engine as _;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let payload = good.split('.').nth(1).unwrap();
+        format!("{}.{payload}.", e.encode(r#"{"alg":"none","typ":"JWT"}"#))
+    };
+    let tampered = {
+        use base64::Engine as _;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+        let mut cl: Value = serde_json::from_slice(&e.decode(&parts[1]).unwrap()).unwrap();
+        cl["exp"] = json!(now + 999_999);
+        parts[1] = e.encode(cl.to_string());
+        parts.join(".")
+    };
+    for (what, token) in [
+        ("alg confusion", confused),
+        ("alg confusion (trimmed pem)", confused_trimmed),
+        ("expired", expired),
+        ("not yet valid", not_yet),
+        ("foreign key", other_key),
+        ("wrong audience", wrong_aud),
+        ("wrong issuer", wrong_iss),
+        ("alg swapped", alg_swapped),
+        ("alg none", none_alg),
+        ("tampered", tampered),
+    ] {
+        let r = call(token).await.unwrap();
+        assert_eq!(r.status(), 401, "{what}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{what}");
+    }
+    assert_eq!(up.served(), 1);
+    // The good token expires with the (test) clock.
+    gw.advance(3_601_000).await;
+    assert_eq!(call(good).await.unwrap().status(), 401);
+    assert_eq!(up.served(), 1);
+}
+
+// ---------------------------------------------------------------- reaching what is not routed
+
+#[tokio::test]
+async fn admin_api_is_unreachable_through_the_proxy_listener() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(up.addr, "  keep_alive: true", 1_000_000));
+    let c = client();
+    for path in [
+        "/admin/status",
+        "/admin/config",
+        "/admin/counters",
+        "/metrics",
+        "/healthz",
+        "/dashboard",
+        "/v1/../admin/status",
+        "/v1/%2e%2e/admin/config",
+        "/v1/%2E%2E/metrics",
+        "//admin/status",
+        "/./admin/counters",
+        "/v1/chat/../../admin/status",
+        "/%61dmin/status",
+        "/ADMIN/status",
+        "/admin/status?x=/v1/chat/completions",
+    ] {
+        for auth in [None, Some("Bearer k1")] {
+            let mut req = c.get(gw.url(path));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            assert!(matches!(status, 400 | 404), "{path}: {status} {text}");
+            for leak in [
+                "uptime_s",
+                "tollgate_requests_total",
+                "last_reload",
+                "\"counters\"",
+            ] {
+                assert!(!text.contains(leak), "{path}: admin content leaked: {text}");
+            }
+        }
+    }
+    // Absolute-form request naming the admin listener: still this listener's routes.
+    let raw_req = format!(
+        "GET http://{}/admin/status HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+        gw.admin, gw.admin
+    );
+    let addr = gw.proxy;
+    let resp =
+        tokio::task::spawn_blocking(move || raw(addr, raw_req.as_bytes(), Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert_eq!(status_of(&resp), 404, "{resp}");
+    assert!(!resp.contains("uptime_s"));
+    assert_eq!(up.served(), 0);
+}
+
+/// The quickstart shape: the budget applies only `when` the path is chat completions.
+fn when_config(up: SocketAddr) -> String {
+    format!(
+        r#"
+backends:
+  - name: up
+    url: http://{up}
+routes:
+  - name: llm
+    match: {{ path_prefix: /v1 }}
+    backend: up
+auth:
+  api_keys:
+    keys:
+      - key: k1
+        identity: {{ userid: u1 }}
+policies:
+  - name: tok
+    kind: TokenRateLimitPolicy
+    accounting: reserve
+    limits:
+      user:
+        rates: [{{ limit: 1000000, window: 1m }}]
+        when:
+          - request.path == "/v1/chat/completions"
+        counters: [auth.identity.userid]
+"#
+    )
+}
+
+#[tokio::test]
+async fn path_tricks_never_slip_past_a_when_predicate() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&when_config(up.addr));
+    let c = client();
+    // What each spelling must come to: charged like the canonical path, refused by
+    // tollgate (never forwarded), or forwarded to an endpoint the upstream does not have.
+    #[derive(Debug, PartialEq)]
+    enum Fate {
+        Charged,
+        Refused(u16),
+        UpstreamHasNone,
+    }
+    use Fate::*;
+    for (path, fate) in [
+        ("/v1/chat/completions", Charged),
+        ("/v1/chat/completions?stream=false", Charged),
+        ("/v1/chat/completions?", Charged),
+        ("//v1/chat/completions", Charged),
+        ("/v1//chat/completions", Charged),
+        ("/v1/./chat/completions", Charged),
+        ("/v1/x/../chat/completions", Charged),
+        ("/v1/%63hat/completions", Charged),
+        ("/v1/chat/%2e/completions", Charged),
+        ("/v1/chat/completions#frag", Charged),
+        ("/v1/chat/completions/", Refused(404)),
+        ("/v1/chat/completions/.", Refused(404)),
+        ("/v1/chat/completions//", Refused(404)),
+        ("/V1/chat/completions", Refused(404)),
+        ("/v1/Chat/Completions", Refused(404)),
+        ("/v1/CHAT/completions", Refused(404)),
+        ("/v1/chat/completions%2F", Refused(400)),
+        ("/v1/chat%2Fcompletions", Refused(400)),
+        ("/v1/chat%5Ccompletions", Refused(400)),
+        ("/v1/chat/completions%00", UpstreamHasNone),
+        ("/v1/chat/completions;x=1", UpstreamHasNone),
+        ("/v1/chat/completions%3B", UpstreamHasNone),
+    ] {
+        let (before, _) = counter(&gw, "u1").await;
+        let served_before = up.served();
+        let r = c
+            .post(format!("http://{}{}", gw.proxy, path))
+            .header("authorization", "Bearer k1")
+            .json(&chat_body(3))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let _ = r.bytes().await;
+        let (after, reserved) = counter(&gw, "u1").await;
+        assert_eq!(reserved, 0, "{path}");
+        let forwarded = up.served() - served_before;
+        let got = match (status, forwarded) {
+            (200, 1) if after > before => Charged,
+            (404, 1) if after == before => UpstreamHasNone,
+            (s, 0) if after == before => Refused(s),
+            _ => {
+                panic!("{path}: status {status}, forwarded {forwarded}, charged {before}->{after}")
+            }
+        };
+        assert_eq!(got, fate, "{path}");
+    }
+}
+
+// ---------------------------------------------------------------- raw HTTP/1.1 abuse
+
+fn post_raw(extra_headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer k1\r\ncontent-type: application/json\r\n{extra_headers}\r\n{body}"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn header_injection_is_refused_before_anything_is_forwarded() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(up.addr, "  keep_alive: true", 1_000_000));
+    let body = chat_json(2);
+    let len = body.len();
+    for (what, header) in [
+        (
+            "bare CR in a value",
+            "x-inject: a\rx-evil: 1\r\n".to_owned(),
+        ),
+        (
+            "obs-fold continuation",
+            "x-inject: a\r\n x-evil: 1\r\n".to_owned(),
+        ),
+        ("NUL in a value", "x-inject: a\0b\r\n".to_owned()),
+        ("space before colon", "x-inject : a\r\n".to_owned()),
+        ("CR in a header name", "x-in\rject: a\r\n".to_owned()),
+        ("request id with CR", "x-request-id: a\rb\r\n".to_owned()),
+    ] {
+        let req = post_raw(&format!("{header}content-length: {len}\r\n"), &body);
+        let addr = gw.proxy;
+        let resp = tokio::task::spawn_blocking(move || raw(addr, &req, Duration::from_secs(10)))
+            .await
+            .unwrap();
+        assert_eq!(status_of(&resp), 400, "{what}: {resp}");
+    }
+    assert_eq!(up.served(), 0);
+    // Values tollgate passes on are the client's own bytes, echoed intact, never split.
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .header("x-sim-echo-headers", "1")
+        .header("x-custom", "a%0d%0ax-evil: 1")
+        .json(&chat_body(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = r.headers()["x-sim-seen-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(!seen.contains("x-evil"), "{seen}");
+}
+
+#[tokio::test]
+async fn request_smuggling_is_refused_or_framed_one_way_only() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(up.addr, "  keep_alive: true", 1_000_000));
+    let body = chat_json(2);
+    let smuggled = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer k2\r\ncontent-length: {}\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    let chunked = format!("{:x}\r\n{}\r\n0\r\n\r\n", body.len(), body);
+    let addr = gw.proxy;
+    let send = move |req: Vec<u8>| {
+        tokio::task::spawn_blocking(move || raw(addr, &req, Duration::from_secs(5)))
+    };
+    // Refused outright: two different lengths, a transfer coding other than chunked last,
+    // obfuscated codings, a bad length.
+    for (what, headers) in [
+        (
+            "two content-lengths",
+            format!("content-length: {}\r\ncontent-length: 5\r\n", body.len()),
+        ),
+        (
+            "list content-length",
+            format!("content-length: {0}, 5\r\n", body.len()),
+        ),
+        (
+            "negative content-length",
+            "content-length: -1\r\n".to_owned(),
+        ),
+        (
+            "plus content-length",
+            format!("content-length: +{}\r\n", body.len()),
+        ),
+        ("te not chunked", "transfer-encoding: gzip\r\n".to_owned()),
+        (
+            "te chunked then identity",
+            "transfer-encoding: chunked, identity\r\n".to_owned(),
+        ),
+        ("te xchunked", "transfer-encoding: xchunked\r\n".to_owned()),
+        (
+            "te chunked twice headers, last not chunked",
+            "transfer-encoding: chunked\r\ntransfer-encoding: x\r\n".to_owned(),
+        ),
+        (
+            "te with vertical tab",
+            "transfer-encoding:\x0bchunked\r\n".to_owned(),
+        ),
+        (
+            "te name with space",
+            "transfer-encoding : chunked\r\n".to_owned(),
+        ),
+    ] {
+        let mut req = post_raw(&headers, &chunked);
+        req.extend_from_slice(smuggled.as_bytes());
+        let resp = send(req).await.unwrap();
+        assert_eq!(status_of(&resp), 400, "{what}: {resp}");
+        assert_eq!(
+            resp.matches("HTTP/1.1").count(),
+            1,
+            "{what}: a second response: {resp}"
+        );
+    }
+    assert_eq!(up.served(), 0, "a refused request reached the upstream");
+    assert_eq!(counter(&gw, "u2").await, (0, 0));
+
+    // Content-Length and chunked together: hyper frames by chunked (RFC 9112 §6.3),
+    // drops the length and closes the connection after the response, so the bytes after
+    // the chunked body are never read as a request. Only the framed request is served.
+    for order in ["cl-first", "te-first"] {
+        let headers = if order == "cl-first" {
+            format!(
+                "content-length: {}\r\ntransfer-encoding: chunked\r\n",
+                chunked.len()
+            )
+        } else {
+            "transfer-encoding: chunked\r\ncontent-length: 4\r\n".to_owned()
+        };
+        let mut req = post_raw(&headers, &chunked);
+        req.extend_from_slice(smuggled.as_bytes());
+        let served_before = up.served();
+        let started = Instant::now();
+        let resp = send(req).await.unwrap();
+        // Closed by the server, not by our 5s read timeout.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{order}: connection kept open"
+        );
+        assert_eq!(resp.matches("HTTP/1.1").count(), 1, "{order}: {resp}");
+        assert_eq!(status_of(&resp), 200, "{order}: {resp}");
+        assert_eq!(up.served(), served_before + 1, "{order}");
+    }
+    // The smuggled request (as k2) never ran.
+    assert_eq!(counter(&gw, "u2").await, (0, 0));
+}
+
+// ---------------------------------------------------------------- budget evasion
+
+fn expected_total(up: &Upstream, body: &Value) -> u64 {
+    let (p, c) = up
+        .sim
+        .expected_usage(tollgate_sim::Api::ChatCompletions, body)
+        .unwrap();
+    p + c
+}
+
+#[tokio::test]
+async fn budget_evasion_in_reserve_mode_is_charged_or_refused() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(up.addr, "  keep_alive: true", 1000));
+    let c = client();
+    let send = |key: &'static str, body: String| {
+        c.post(gw.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let mut spent = 0;
+    // Streams that did not ask for usage, or asked not to get it: charged the upstream's
+    // exact usage, and the client still gets the stream it asked for (no usage chunk).
+    for (what, mut body) in [
+        ("stream without stream_options", chat_body(6)),
+        ("include_usage false", chat_body(6)),
+        ("stream_options null", chat_body(6)),
+    ] {
+        body["stream"] = json!(true);
+        match what {
+            "include_usage false" => body["stream_options"] = json!({"include_usage": false}),
+            "stream_options null" => body["stream_options"] = Value::Null,
+            _ => {}
+        }
+        let r = send("k1", body.to_string()).await.unwrap();
+        assert_eq!(r.status(), 200, "{what}");
+        let text = r.text().await.unwrap();
+        assert!(
+            !text.contains("\"usage\":{"),
+            "{what}: usage chunk shown: {text}"
+        );
+        spent += expected_total(&up, &body);
+        assert_eq!(counter(&gw, "u1").await, (spent, 0), "{what}");
+    }
+    // max_tokens 0, n: 8: whatever the upstream reports is what is charged.
+    for (what, body) in [
+        (
+            "max_tokens 0",
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+        ),
+        (
+            "n 8",
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 8}),
+        ),
+        (
+            "n 8 streamed",
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 8, "stream": true}),
+        ),
+    ] {
+        let r = send("k1", body.to_string()).await.unwrap();
+        let status = r.status().as_u16();
+        let _ = r.bytes().await;
+        if status == 200 {
+            spent += expected_total(&up, &body);
+        }
+        assert!(status == 200 || status == 400, "{what}: {status}");
+        assert_eq!(counter(&gw, "u1").await, (spent, 0), "{what}");
+    }
+    // Refused before the upstream: a reservation that can never fit, bodies the gateway
+    // and the upstream could read differently.
+    let served = up.served();
+    let huge = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1_000_000_000_000u64});
+    let r = send("k1", huge.to_string()).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let huge_n = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "n": 8});
+    assert_eq!(send("k1", huge_n.to_string()).await.unwrap().status(), 429);
+    for (what, body) in [
+        ("not json", "max_tokens=1".to_owned()),
+        ("truncated json", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1"#.to_owned()),
+        ("duplicate max_tokens", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"max_tokens":100000}"#.to_owned()),
+        ("duplicate stream", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"stream":false,"stream":true}"#.to_owned()),
+        ("duplicate nested include_usage", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}"#.to_owned()),
+        ("duplicate n", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"n":1,"n":64}"#.to_owned()),
+        ("escaped duplicate key", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"max_\u0074okens":100000}"#.to_owned()),
+        ("max_tokens as string", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":"100000"}"#.to_owned()),
+        ("negative max_tokens", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":-1}"#.to_owned()),
+        ("array body", "[]".to_owned()),
+        ("trailing garbage", r#"{"model":"m","messages":[],"max_tokens":1} {"max_tokens":9}"#.to_owned()),
+    ] {
+        let r = send("k1", body).await.unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(status, 400, "{what}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{what}");
+    }
+    assert_eq!(
+        up.served(),
+        served,
+        "an unreadable or unfit body reached the upstream"
+    );
+    assert_eq!(counter(&gw, "u1").await, (spent, 0));
+    // `n: 0` is reserved as one choice; the upstream refuses it and nothing is charged.
+    let r = send(
+        "k1",
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"n":0}"#.into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let _ = r.bytes().await;
+    assert_eq!(counter(&gw, "u1").await, (spent, 0));
+
+    // Many streams at once, each asking for more than its share: the admitted ones
+    // never add up past the limit, and each is charged exactly its usage.
+    let body = json!({
+        "model": "m", "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 20, "n": 2, "stream": true, "stream_options": {"include_usage": false},
+    });
+    let per_call = expected_total(&up, &body);
+    let futs = (0..40).map(|_| {
+        let req = c
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", "Bearer k2")
+            .header("x-sim-ms-per-token", "2")
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            status
+        }
+    });
+    let statuses = futures_util::future::join_all(futs).await;
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as u64;
+    let refused = statuses.iter().filter(|s| **s == 429).count() as u64;
+    assert_eq!(admitted + refused, 40, "{statuses:?}");
+    assert!(admitted > 0 && refused > 0, "{statuses:?}");
+    let (value, reserved) = counter(&gw, "u2").await;
+    assert_eq!(reserved, 0);
+    assert_eq!(value, admitted * per_call);
+    assert!(value <= 1000, "charged {value} past a limit of 1000");
+}
+
+#[tokio::test]
+async fn upstream_429_is_passed_on_settled_and_counted_apart() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(up.addr, "  keep_alive: true", 60));
+    let c = client();
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .header("x-sim-fault", "status-429")
+        .json(&chat_body(50))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "7");
+    // The upstream's own rate-limit headers are not mistaken for tollgate's.
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-sim-fault"),
+        "{v}"
+    );
+    // Its reservation (50 + prompt of a 60 budget) was released at once: the whole
+    // budget is there for the next call.
+    assert_eq!(counter(&gw, "u1").await, (0, 0));
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .json(&chat_body(50))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    // Now tollgate itself refuses.
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .json(&chat_body(50))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after-ms").is_some());
+    let m = metrics(&gw).await;
+    let line = |decision: &str| {
+        format!(
+            "tollgate_requests_total{{route=\"llm\",backend=\"up\",status_class=\"4xx\",decision=\"{decision}\"}}"
+        )
+    };
+    assert_eq!(sample(&m, &line("upstream_limited")), 1.0, "{m}");
+    assert_eq!(sample(&m, &line("limited")), 1.0, "{m}");
+}

@@ -304,6 +304,12 @@ fn locate(
     } else {
         None
     };
+    if parts.method == Method::POST && is_disguised_llm_path(&path, api) {
+        return Err(GatewayError::NoRoute {
+            method: parts.method.to_string(),
+            path,
+        });
+    }
     let id = parts
         .headers
         .get("x-request-id")
@@ -331,6 +337,23 @@ fn locate(
         identity: Identity::anonymous(),
         route: None,
     })
+}
+
+/// An LLM endpoint under another spelling — a trailing slash, or letters in another
+/// case — that a lenient upstream might serve while a predicate written for the
+/// canonical path (`request.path == "/v1/chat/completions"`) would not see it. Refused
+/// (404), so no spelling escapes a budget.
+fn is_disguised_llm_path(path: &str, api: Option<Api>) -> bool {
+    if path.len() > 1 && path.ends_with('/') {
+        return Api::from_path(&path.trim_end_matches('/').to_ascii_lowercase()).is_some();
+    }
+    if !path.bytes().any(|b| b.is_ascii_uppercase()) {
+        return false;
+    }
+    // `/openai/deployments/GPT4/chat/completions` is the same API in any case; not so
+    // `/v1/Chat/Completions` (none) or `/v1/CHAT/completions` (legacy completions).
+    let folded = Api::from_path(&path.to_ascii_lowercase());
+    folded.is_some() && folded != api
 }
 
 /// `server.max_headers` / `server.max_header_bytes` (names plus values) → 431.
@@ -1004,6 +1027,31 @@ fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::strip_port;
+
+    #[test]
+    fn disguised_llm_paths() {
+        use super::is_disguised_llm_path as d;
+        use tollgate_llm::Api;
+        let api = |p: &str| Api::from_path(p);
+        for p in [
+            "/v1/chat/completions/",
+            "/v1/Chat/Completions",
+            "/v1/CHAT/completions",
+            "/V1/MESSAGES",
+            "/v1/embeddings//",
+        ] {
+            assert!(d(p, api(p)), "{p}");
+        }
+        for p in [
+            "/v1/chat/completions",
+            "/openai/deployments/GPT4/chat/completions",
+            "/v1/models/",
+            "/",
+            "/Admin",
+        ] {
+            assert!(!d(p, api(p)), "{p}");
+        }
+    }
 
     #[test]
     fn strips_ports() {
