@@ -217,6 +217,26 @@ async fn slowloris_and_silent_connections_are_cut_off() {
         let _ = s.read(&mut b);
         started.elapsed()
     });
+    // A keep-alive connection left idle after a request is closed too.
+    let idle = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let mut b = [0u8; 4096];
+        while let Ok(n) = s.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&b[..n]);
+        }
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&out).into_owned(),
+        )
+    });
     // Meanwhile, normal requests are served.
     let r = client().get(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -230,6 +250,63 @@ async fn slowloris_and_silent_connections_are_cut_off() {
         t >= Duration::from_millis(200) && t < Duration::from_secs(8),
         "silent client held for {t:?}"
     );
+    let (t, resp) = idle.await.unwrap();
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert!(
+        t < Duration::from_secs(8),
+        "idle keep-alive connection held for {t:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_listener_settings_are_config_errors_with_their_path() {
+    let up = Upstream::start().await;
+    let dir = std::env::temp_dir().join(format!("tollgate-badtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = self_signed();
+    std::fs::write(dir.join("cert.pem"), &cert.cert_pem).unwrap();
+    std::fs::write(
+        dir.join("key.pem"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    for (server, expect) in [
+        (
+            format!(
+                "  tls:\n    cert_file: {0}/missing.pem\n    key_file: {0}/key.pem",
+                dir.display()
+            ),
+            "server.tls.cert_file",
+        ),
+        (
+            format!(
+                "  tls:\n    cert_file: {0}/cert.pem\n    key_file: {0}/key.pem",
+                dir.display()
+            ),
+            "server.tls.key_file",
+        ),
+        (
+            "  max_concurrent_requests: 0".to_owned(),
+            "server.max_concurrent_requests",
+        ),
+        (
+            "  header_read_timeout: 0s".to_owned(),
+            "server.header_read_timeout",
+        ),
+    ] {
+        let cfg = dir.join("c.yaml");
+        std::fs::write(&cfg, config(up.addr, &server, 10)).unwrap();
+        let out = std::process::Command::new(bin())
+            .args(["validate", "-c"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{server}: {text}");
+        assert!(text.contains(expect), "{server}: {text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -542,6 +619,27 @@ async fn silent_upstream_stream_is_ended_cleanly_and_charged() {
     let m = metrics(&gw).await;
     assert_eq!(sample(&m, "tollgate_upstream_idle_timeouts_total"), 2.0);
 
+    // No response headers within upstream_response_timeout: 504, nothing charged, the
+    // reservation released.
+    drop(gw);
+    let gw = Gateway::start(&config(
+        up.addr,
+        "  upstream_response_timeout: 300ms\n  upstream_idle_timeout: 500ms",
+        1_000_000,
+    ));
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .header("x-sim-latency-ms", "3000")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_timeout");
+    assert_eq!(counter(&gw, "u1").await, (0, 0));
+
     // A slow but live stream (gaps under the timeout) is not cut.
     let r = c
         .post(gw.url("/v1/chat/completions"))
@@ -552,11 +650,12 @@ async fn silent_upstream_stream_is_ended_cleanly_and_charged() {
         .await
         .unwrap();
     let text = r.text().await.unwrap();
-    assert!(text.contains("\"finish_reason\":\"length\"") || text.contains("\"stop\""));
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert_eq!(
         sample(&metrics(&gw).await, "tollgate_upstream_idle_timeouts_total"),
-        2.0
+        0.0
     );
+    assert_eq!(counter(&gw, "u1").await.1, 0);
 }
 
 // ---------------------------------------------------------------- credentials

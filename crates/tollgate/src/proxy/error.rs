@@ -44,7 +44,7 @@ pub enum GatewayError {
     UpstreamConnect(String),
     #[error("upstream did not answer within {0} ms")]
     UpstreamTimeout(u64),
-    #[error("tollgate is serving {limit} requests at once, its most; retry shortly")]
+    #[error("Too many requests in progress (at most {limit} at once). Please retry shortly.")]
     Overloaded { limit: usize },
     #[error("rate-limit store unavailable: {0}")]
     StoreUnavailable(String),
