@@ -107,6 +107,7 @@ pub struct Limits {
     pub max_headers: usize,
     pub max_header_bytes: u64,
     pub header_read_timeout: Duration,
+    pub request_body_timeout: Duration,
     pub max_concurrent_requests: usize,
     pub keep_alive: bool,
     pub reservation_deadline_ms: u64,
@@ -621,6 +622,7 @@ impl Runtime {
             max_headers: s.max_headers.unwrap_or(100),
             max_header_bytes: s.max_header_bytes.unwrap_or(64 << 10),
             header_read_timeout: Duration::from_millis(ms(&s.header_read_timeout, 10_000)),
+            request_body_timeout: Duration::from_millis(ms(&s.request_body_timeout, 60_000)),
             max_concurrent_requests: s.max_concurrent_requests.unwrap_or(10_000),
             keep_alive: s.keep_alive.unwrap_or(true),
             reservation_deadline_ms: ms(&s.reservation_deadline, 900_000),
@@ -632,6 +634,10 @@ impl Runtime {
             ("max_headers", limits.max_headers == 0),
             ("max_header_bytes", limits.max_header_bytes == 0),
             ("header_read_timeout", limits.header_read_timeout.is_zero()),
+            (
+                "request_body_timeout",
+                limits.request_body_timeout.is_zero(),
+            ),
             (
                 "max_concurrent_requests",
                 limits.max_concurrent_requests == 0,

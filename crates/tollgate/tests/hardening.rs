@@ -259,6 +259,47 @@ async fn slowloris_and_silent_connections_are_cut_off() {
 }
 
 #[tokio::test]
+async fn trickled_body_is_408_and_never_forwarded() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(up.addr, "  request_body_timeout: 300ms", 1_000_000));
+    let addr = gw.proxy;
+    let body = chat_json(2);
+    let (t, resp) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let head = post_raw(&format!("content-length: {}\r\n", body.len()), "");
+        s.write_all(&head).unwrap();
+        let started = Instant::now();
+        // A few bytes, then one more every 100ms: never the whole body in time.
+        for b in body.as_bytes().iter().take(40) {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            s.set_nonblocking(true).unwrap();
+            let mut probe = [0u8; 1];
+            let answered = s.peek(&mut probe).is_ok();
+            s.set_nonblocking(false).unwrap();
+            if answered {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&out).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status_of(&resp), 408, "{resp}");
+    assert!(resp.contains("\"request_timeout\""), "{resp}");
+    assert!(t < Duration::from_secs(8), "{t:?}");
+    assert_eq!(up.served(), 0);
+}
+
+#[tokio::test]
 async fn bad_listener_settings_are_config_errors_with_their_path() {
     let up = Upstream::start().await;
     let dir = std::env::temp_dir().join(format!("tollgate-badtls-{}", std::process::id()));

@@ -236,6 +236,10 @@ pub struct ServerConfig {
     /// trickles them is closed. Also bounds an idle HTTP/1.1 keep-alive connection.
     #[serde(default)]
     pub header_read_timeout: Option<ConfigDuration>,
+    /// Time a client has to send a request body tollgate reads (LLM calls; default 60s);
+    /// a body trickled slower → 408.
+    #[serde(default)]
+    pub request_body_timeout: Option<ConfigDuration>,
     /// Requests served at once on the proxy listener (default 10000); beyond, 503 with
     /// `retry-after` (load shedding).
     #[serde(default)]

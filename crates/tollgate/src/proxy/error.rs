@@ -25,6 +25,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: u64 },
     #[error("{0}")]
     HeadersTooLarge(String),
+    #[error("request body not received within {0} ms")]
+    BodyTimeout(u64),
     #[error("no route matches {method} {path}")]
     NoRoute { method: String, path: String },
     #[error("{0}")]
@@ -58,6 +60,7 @@ impl GatewayError {
             Self::BadRequest(_)
             | Self::BodyTooLarge { .. }
             | Self::HeadersTooLarge(_)
+            | Self::BodyTimeout(_)
             | Self::NoRoute { .. }
             | Self::Unauthenticated(_)
             | Self::Forbidden(_)
@@ -100,6 +103,11 @@ impl GatewayError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "invalid_request_error",
                 "request_header_fields_too_large",
+            ),
+            Self::BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_timeout",
             ),
             Self::NoRoute { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
             Self::Unauthenticated(_) => (

@@ -534,7 +534,12 @@ where
         }
     }
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-    let bytes = match Limited::new(body, cap).collect().await {
+    // A body trickled in (slowloris after the headers) must not hold the request forever.
+    let wait = rt.limits.request_body_timeout;
+    let collected = tokio::time::timeout(wait, Limited::new(body, cap).collect())
+        .await
+        .map_err(|_| GatewayError::BodyTimeout(wait.as_millis() as u64))?;
+    let bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             return Err(if e.is::<http_body_util::LengthLimitError>() {
