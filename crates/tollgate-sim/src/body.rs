@@ -44,6 +44,8 @@ pub(crate) struct TimedBody {
     next_token: u64,
     per_token: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// After the script: stay silent forever instead of ending (`stall-stream`).
+    stall: bool,
 }
 
 impl TimedBody {
@@ -53,7 +55,14 @@ impl TimedBody {
             next_token: 0,
             per_token,
             sleep: None,
+            stall: false,
         }
+    }
+
+    /// Never end after the script: the body stays open and sends nothing more.
+    pub(crate) fn stalled(mut self) -> Self {
+        self.stall = true;
+        self
     }
 }
 
@@ -85,16 +94,17 @@ impl Body for TimedBody {
             this.next_token += 1;
             return Poll::Ready(Some(Ok(Frame::data(event))));
         }
-        Poll::Ready(
-            this.script
-                .tail
-                .pop_front()
-                .map(|event| Ok(Frame::data(event))),
-        )
+        match this.script.tail.pop_front() {
+            Some(event) => Poll::Ready(Some(Ok(Frame::data(event)))),
+            // Nothing will ever wake this body again: it ends when it is dropped.
+            None if this.stall => Poll::Pending,
+            None => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.script.head.is_empty()
+        !self.stall
+            && self.script.head.is_empty()
             && self.next_token >= self.script.tokens
             && self.script.tail.is_empty()
     }

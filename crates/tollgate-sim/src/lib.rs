@@ -39,7 +39,7 @@ pub use options::Fault;
 pub use server::serve;
 
 use api::RequestSpec;
-use body::{full, TimedBody};
+use body::{full, SseScript, TimedBody};
 use options::RequestOptions;
 use render::ReplyMeta;
 
@@ -239,10 +239,13 @@ impl Simulator {
             _ => {}
         }
         let meta = self.reply_meta(&spec, seq, opts.fault != Some(Fault::NoUsage));
-        let cut = opts.fault == Some(Fault::CutStream);
+        let stall = opts.fault == Some(Fault::StallStream);
+        let cut = opts.fault == Some(Fault::CutStream) || stall;
         if spec.stream {
             let script = render::stream_script(&spec, meta, cut);
-            return sse_response(SimBody::new(TimedBody::new(script, opts.per_token)));
+            let body = TimedBody::new(script, opts.per_token);
+            let body = if stall { body.stalled() } else { body };
+            return sse_response(SimBody::new(body));
         }
         let generation = opts
             .per_token
@@ -253,6 +256,19 @@ impl Simulator {
         let mut body = render::full_body(&spec, &meta);
         if cut {
             body.truncate(body.len() / 2);
+        }
+        if stall {
+            let script = SseScript {
+                head: std::collections::VecDeque::from([Bytes::from(body)]),
+                tokens: 0,
+                render: Box::new(|_| Bytes::new()),
+                tail: std::collections::VecDeque::new(),
+            };
+            let mut response = Response::new(SimBody::new(
+                TimedBody::new(script, Duration::ZERO).stalled(),
+            ));
+            response.headers_mut().insert(header::CONTENT_TYPE, JSON);
+            return response;
         }
         let mut response = json_response(StatusCode::OK, body);
         if anthropic {

@@ -36,17 +36,21 @@ pub enum Fault {
     Malformed,
     /// `usage-in-error`: 400 with an error body that also carries a usage object.
     UsageInError,
+    /// `stall-stream`: like `cut-stream` (half the tokens, or half the body's bytes), but
+    /// then the connection stays open and silent instead of ending.
+    StallStream,
 }
 
 impl Fault {
     /// Every fault name, for error messages and docs.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "status-500",
         "status-429",
         "no-usage",
         "cut-stream",
         "malformed",
         "usage-in-error",
+        "stall-stream",
     ];
 
     /// The fault named `name`, if it is one.
@@ -58,6 +62,7 @@ impl Fault {
             "cut-stream" => Some(Fault::CutStream),
             "malformed" => Some(Fault::Malformed),
             "usage-in-error" => Some(Fault::UsageInError),
+            "stall-stream" => Some(Fault::StallStream),
             _ => None,
         }
     }

@@ -82,6 +82,9 @@ pub struct Metrics {
     pub limit_eval_errors: Family<LimitLabels, Counter>,
     pub shadow_refusals: Family<LimitLabels, Counter>,
     pub stream_cutoffs: Counter,
+    pub upstream_idle_timeouts: Counter,
+    pub requests_shed: Counter,
+    pub requests_in_flight: Gauge,
     pub estimated_calls: Counter,
     pub reservation_overshoot_tokens: Counter,
     pub settle_failures: Counter,
@@ -183,6 +186,24 @@ impl Metrics {
             "Streams ended by tollgate because their budget was reached",
             stream_cutoffs.clone(),
         );
+        let upstream_idle_timeouts = Counter::default();
+        registry.register(
+            "upstream_idle_timeouts",
+            "Responses ended by tollgate because the upstream sent nothing for server.upstream_idle_timeout",
+            upstream_idle_timeouts.clone(),
+        );
+        let requests_shed = Counter::default();
+        registry.register(
+            "requests_shed",
+            "Requests refused with 503 because server.max_concurrent_requests were in progress",
+            requests_shed.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests in progress on the proxy listener (response bodies included)",
+            requests_in_flight.clone(),
+        );
         let estimated_calls = Counter::default();
         registry.register(
             "estimated_calls",
@@ -221,6 +242,9 @@ impl Metrics {
             limit_eval_errors,
             shadow_refusals,
             stream_cutoffs,
+            upstream_idle_timeouts,
+            requests_shed,
+            requests_in_flight,
             estimated_calls,
             reservation_overshoot_tokens,
             settle_failures,

@@ -3,7 +3,10 @@
 //! a new runtime and swapped in atomically; an invalid one is refused, the old runtime
 //! keeps serving, and the reason is logged, counted and shown in `/admin/status`.
 //! Counters live in the store, keyed by policy and limit names, so limits that still
-//! exist keep their spend. Listen addresses and the storage kind need a restart.
+//! exist keep their spend. The TLS certificate and key (`server.tls`) are re-read on
+//! every reload, and a change to them is seen like a change to the config: new
+//! connections get the new certificate. Listen addresses and the storage kind need a
+//! restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,8 +57,22 @@ pub fn reload(gw: &Gateway, path: &Path) -> Result<(), String> {
     }
 }
 
+/// The config file's digest, with the TLS certificate and key it names (so a rotated
+/// certificate next to the config is picked up like an edit of the config).
 fn digest(path: &Path) -> Option<[u8; 32]> {
-    std::fs::read(path).ok().map(|b| Sha256::digest(&b).into())
+    let text = std::fs::read(path).ok()?;
+    let mut h = Sha256::new();
+    h.update(&text);
+    let tls = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|t| config::parse(t).ok())
+        .and_then(|(cfg, _)| cfg.server.tls);
+    if let Some(tls) = tls {
+        for f in [&tls.cert_file, &tls.key_file] {
+            h.update(std::fs::read(f).unwrap_or_default());
+        }
+    }
+    Some(h.finalize().into())
 }
 
 /// SIGHUP and file-change triggers, until `shutdown` flips.
@@ -114,13 +131,18 @@ pub fn spawn(gw: Arc<Gateway>, path: PathBuf, mut shutdown: watch::Receiver<bool
         let _watcher = watcher; // dropped (and stopped) with this task
         let mut last = digest(&path);
         loop {
-            let why = tokio::select! {
+            let mut why = tokio::select! {
                 w = rx.recv() => match w { Some(w) => w, None => break },
                 _ = shutdown.changed() => break,
             };
-            // Debounce: a save is often several events; read once things settle.
+            // Debounce: a save is often several events; read once things settle. A SIGHUP
+            // among them still forces the reload.
             tokio::time::sleep(Duration::from_millis(150)).await;
-            while rx.try_recv().is_ok() {}
+            while let Ok(w) = rx.try_recv() {
+                if w == "sighup" {
+                    why = w;
+                }
+            }
             let now = digest(&path);
             if why == "file" && now == last {
                 continue;

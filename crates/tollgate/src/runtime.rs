@@ -103,6 +103,13 @@ pub struct Limits {
     pub max_response_buffer_bytes: u64,
     pub upstream_connect_timeout: Duration,
     pub upstream_response_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub request_body_timeout: Duration,
+    pub max_concurrent_requests: usize,
+    pub keep_alive: bool,
     pub reservation_deadline_ms: u64,
     pub settle_grace_ms: u64,
     pub shutdown_grace: Duration,
@@ -121,6 +128,8 @@ pub struct Runtime {
     pub jwt: Option<Arc<crate::auth::jwt::JwtAuth>>,
     pub policies: Vec<CompiledPolicy>,
     pub limits: Limits,
+    /// `server.tls`, loaded: the proxy listener terminates TLS with it.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub access_log: bool,
     /// `auth.authorization`: all must hold, else 403.
     pub authorization: Vec<Expr>,
@@ -641,9 +650,48 @@ impl Runtime {
                 &s.upstream_response_timeout,
                 300_000,
             )),
+            upstream_idle_timeout: Duration::from_millis(ms(&s.upstream_idle_timeout, 120_000)),
+            max_headers: s.max_headers.unwrap_or(100),
+            max_header_bytes: s.max_header_bytes.unwrap_or(64 << 10),
+            header_read_timeout: Duration::from_millis(ms(&s.header_read_timeout, 10_000)),
+            request_body_timeout: Duration::from_millis(ms(&s.request_body_timeout, 60_000)),
+            max_concurrent_requests: s.max_concurrent_requests.unwrap_or(10_000),
+            keep_alive: s.keep_alive.unwrap_or(true),
             reservation_deadline_ms: ms(&s.reservation_deadline, 900_000),
             settle_grace_ms: ms(&cfg.storage.settle_grace, 300_000),
             shutdown_grace: Duration::from_millis(ms(&s.shutdown_grace, 30_000)),
+        };
+
+        for (field, zero) in [
+            ("max_headers", limits.max_headers == 0),
+            ("max_header_bytes", limits.max_header_bytes == 0),
+            ("header_read_timeout", limits.header_read_timeout.is_zero()),
+            (
+                "request_body_timeout",
+                limits.request_body_timeout.is_zero(),
+            ),
+            (
+                "max_concurrent_requests",
+                limits.max_concurrent_requests == 0,
+            ),
+            (
+                "upstream_idle_timeout",
+                limits.upstream_idle_timeout.is_zero(),
+            ),
+        ] {
+            if zero {
+                b.err(format!("server.{field}"), "must be greater than zero");
+            }
+        }
+        let tls = match &s.tls {
+            None => None,
+            Some(t) => match crate::proxy::tls::server_config(&t.cert_file, &t.key_file) {
+                Ok(c) => Some(c),
+                Err((field, msg)) => {
+                    b.err(format!("server.tls.{field}"), msg);
+                    None
+                }
+            },
         };
 
         let errors: Vec<Problem> = b.errors.into_iter().map(|p| p.located(index)).collect();
@@ -668,6 +716,7 @@ impl Runtime {
                 jwt,
                 policies,
                 limits,
+                tls,
                 access_log: cfg.logging.access_log.unwrap_or(true),
                 cel_reads_headers: b.reads_headers,
                 has_pre_auth,

@@ -240,12 +240,52 @@ pub struct ServerConfig {
     /// Time to the upstream's response headers (default 300s) → 504.
     #[serde(default)]
     pub upstream_response_timeout: Option<ConfigDuration>,
+    /// Longest silence from the upstream while its body streams (default 120s); the
+    /// response is then ended (streams cleanly, in the client's format) and charged.
+    #[serde(default)]
+    pub upstream_idle_timeout: Option<ConfigDuration>,
+    /// Most header fields in one request (default 100); more → 431.
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+    /// Largest total of header names and values in one request (default 64 KiB);
+    /// larger → 431.
+    #[serde(default)]
+    pub max_header_bytes: Option<u64>,
+    /// Time a client has to send a request's headers (default 10s); a connection that
+    /// trickles them is closed. Also bounds an idle HTTP/1.1 keep-alive connection.
+    #[serde(default)]
+    pub header_read_timeout: Option<ConfigDuration>,
+    /// Time a client has to send a request body tollgate reads (LLM calls; default 60s);
+    /// a body trickled slower → 408.
+    #[serde(default)]
+    pub request_body_timeout: Option<ConfigDuration>,
+    /// Requests served at once on the proxy listener (default 10000); beyond, 503 with
+    /// `retry-after` (load shedding).
+    #[serde(default)]
+    pub max_concurrent_requests: Option<usize>,
+    /// HTTP/1.1 keep-alive on the proxy listener (default true).
+    #[serde(default)]
+    pub keep_alive: Option<bool>,
+    /// Terminate TLS on the proxy listener (h2 and HTTP/1.1 by ALPN). Re-read on every
+    /// reload: new connections get the new certificate.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// A reservation not settled by then is released (default 15m).
     #[serde(default)]
     pub reservation_deadline: Option<ConfigDuration>,
     /// Drain deadline on shutdown (default 30s).
     #[serde(default)]
     pub shutdown_grace: Option<ConfigDuration>,
+}
+
+/// `server.tls`: PEM files for the proxy listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert_file: String,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]

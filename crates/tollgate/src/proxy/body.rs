@@ -2,8 +2,10 @@
 //! forwards the upstream's bytes as they come while metering them, and reports the call's
 //! outcome exactly once — at the end of the stream, or when the client goes away.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -32,6 +34,9 @@ pub enum BodyEnd {
     UpstreamError,
     /// Dropped before the end: the client went away.
     ClientGone,
+    /// The upstream sent nothing for `server.upstream_idle_timeout`: tollgate ends the
+    /// body.
+    UpstreamIdle,
 }
 
 /// What to do with one chunk.
@@ -61,6 +66,7 @@ pin_project_lite::pin_project! {
         // A passthrough meter reads each chunk after it was handed on (on the next
         // poll), so metering never delays bytes to the client.
         unmetered: Option<Bytes>,
+        idle: Option<IdleTimer>,
     }
 
     impl<B, M: ChunkMeter> PinnedDrop for MeteredBody<B, M> {
@@ -85,8 +91,32 @@ impl<B, M: ChunkMeter> MeteredBody<B, M> {
             passthrough,
             finished: false,
             unmetered: None,
+            idle: None,
         }
     }
+
+    /// End the body when the upstream sends nothing for `after` while tollgate waits on
+    /// it (time the client spends not reading does not count). `clean_end`: finish the
+    /// body normally after the meter's closing bytes (streams); else fail it, so a
+    /// truncated JSON body is never mistaken for a whole one.
+    pub fn with_idle_timeout(mut self, after: Duration, clean_end: bool) -> Self {
+        self.idle = Some(IdleTimer {
+            after,
+            sleep: Box::pin(tokio::time::sleep(after)),
+            waiting: false,
+            clean_end,
+        });
+        self
+    }
+}
+
+/// The upstream-silence timer of a [`MeteredBody`].
+struct IdleTimer {
+    after: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Armed since the last frame went out: the time counts only while waiting.
+    waiting: bool,
+    clean_end: bool,
 }
 
 impl<B, M> Body for MeteredBody<B, M>
@@ -110,9 +140,39 @@ where
             // Passthrough: the output is the input, already forwarded.
             let _ = m.on_chunk(b);
         }
+        if let Some(idle) = this.idle.as_mut() {
+            if !idle.waiting {
+                idle.waiting = true;
+                let deadline = tokio::time::Instant::now() + idle.after;
+                idle.sleep.as_mut().reset(deadline);
+            }
+        }
         loop {
             return match this.inner.as_mut().poll_frame(cx) {
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    let Some(idle) = this.idle.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    if idle.sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    *this.finished = true;
+                    let rest = match this.meter.take() {
+                        Some(mut m) => m.on_end(BodyEnd::UpstreamIdle),
+                        None => Bytes::new(),
+                    };
+                    if !idle.clean_end {
+                        return Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream sent nothing within server.upstream_idle_timeout",
+                        )))));
+                    }
+                    if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(rest))))
+                    }
+                }
                 Poll::Ready(None) => {
                     *this.finished = true;
                     let rest = match this.meter.take() {
@@ -134,6 +194,9 @@ where
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
+                        if let Some(idle) = this.idle.as_mut() {
+                            idle.waiting = false;
+                        }
                         if *this.passthrough && this.meter.is_some() {
                             *this.unmetered = Some(data.clone());
                             return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -178,5 +241,40 @@ where
         } else {
             SizeHint::default()
         }
+    }
+}
+
+/// A body that holds `G` (e.g. a concurrency slot) until it is finished or dropped.
+pub struct Held<G> {
+    inner: ProxyBody,
+    _guard: G,
+}
+
+impl<G> Held<G> {
+    pub fn new(inner: ProxyBody, guard: G) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> Body for Held<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -23,6 +23,10 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    #[error("request body not received within {0} ms")]
+    BodyTimeout(u64),
     #[error("no route matches {method} {path}")]
     NoRoute { method: String, path: String },
     #[error("{0}")]
@@ -42,6 +46,8 @@ pub enum GatewayError {
     UpstreamConnect(String),
     #[error("upstream did not answer within {0} ms")]
     UpstreamTimeout(u64),
+    #[error("Too many requests in progress (at most {limit} at once). Please retry shortly.")]
+    Overloaded { limit: usize },
     #[error("rate-limit store unavailable: {0}")]
     StoreUnavailable(String),
     #[error("{0}")]
@@ -53,13 +59,15 @@ impl GatewayError {
         match self {
             Self::BadRequest(_)
             | Self::BodyTooLarge { .. }
+            | Self::HeadersTooLarge(_)
+            | Self::BodyTimeout(_)
             | Self::NoRoute { .. }
             | Self::Unauthenticated(_)
             | Self::Forbidden(_)
             | Self::RateLimited { .. } => Fault::Client,
             Self::UpstreamConnect(_) | Self::UpstreamTimeout(_) => Fault::Upstream,
             Self::StoreUnavailable(_) => Fault::Store,
-            Self::Internal(_) => Fault::Gateway,
+            Self::Internal(_) | Self::Overloaded { .. } => Fault::Gateway,
         }
     }
 
@@ -69,6 +77,7 @@ impl GatewayError {
             Self::Unauthenticated(_) => "unauth",
             Self::Forbidden(_) => "forbidden",
             Self::RateLimited { .. } => "limited",
+            Self::Overloaded { .. } => "shed",
             _ => "error",
         }
     }
@@ -90,6 +99,16 @@ impl GatewayError {
                 "invalid_request_error",
                 "request_too_large",
             ),
+            Self::HeadersTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalid_request_error",
+                "request_header_fields_too_large",
+            ),
+            Self::BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_timeout",
+            ),
             Self::NoRoute { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
             Self::Unauthenticated(_) => (
                 StatusCode::UNAUTHORIZED,
@@ -110,6 +129,7 @@ impl GatewayError {
             Self::UpstreamTimeout(_) => {
                 (StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout")
             }
+            Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "api_error", "overloaded"),
             Self::StoreUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",
@@ -167,7 +187,7 @@ impl GatewayError {
                     }
                 }
             }
-            Self::StoreUnavailable(_) => {
+            Self::StoreUnavailable(_) | Self::Overloaded { .. } => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -412,7 +412,12 @@ impl ChunkMeter for CallMeter {
             BodyEnd::Complete => "complete",
             BodyEnd::UpstreamError => "upstream_error",
             BodyEnd::ClientGone => "client_gone",
+            BodyEnd::UpstreamIdle => "upstream_idle",
         };
+        if end == BodyEnd::UpstreamIdle {
+            self.settle.gw.stats.metrics.upstream_idle_timeouts.inc();
+            tracing::warn!(request = %self.settle.request_id, "upstream went silent; response ended");
+        }
         // `complete_usage`: the provider's own final figures; `partial`: figures that
         // still need the streamed estimate (e.g. Anthropic's message_start alone).
         let (usage, complete_usage, output_estimate, rest) =
@@ -437,13 +442,20 @@ impl ChunkMeter for CallMeter {
                     (out.usage, true, output, Bytes::new())
                 }
                 Wire::Stream(mut m) => {
-                    let rest = if end == BodyEnd::Complete {
-                        match m.end() {
+                    let rest = match end {
+                        BodyEnd::Complete => match m.end() {
                             tollgate_llm::Forward::Bytes(b) => Bytes::from(b),
                             _ => Bytes::new(),
+                        },
+                        // Close the stream in the client's own format where that can
+                        // be appended cleanly (held bytes of a partial event are
+                        // dropped); mid-event, the body just ends.
+                        BodyEnd::UpstreamIdle
+                            if m.at_event_boundary() && !m.snapshot().saw_done =>
+                        {
+                            Bytes::from(m.cutoff_events())
                         }
-                    } else {
-                        Bytes::new()
+                        _ => Bytes::new(),
                     };
                     let out = m.finish();
                     let output = out.output_tokens();

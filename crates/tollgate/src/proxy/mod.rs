@@ -2,8 +2,9 @@
 //!
 //! [`Gateway`] holds the current [`Runtime`] (swapped atomically on reload; a request
 //! keeps the one it started with), the counter store, the clock and the upstream client.
-//! [`serve`] accepts connections (HTTP/1.1 and h2c via hyper-util's auto builder) and
-//! runs each request through `pipeline::handle`.
+//! [`serve`] accepts connections (HTTP/1.1 and h2c via hyper-util's auto builder, h2 and
+//! HTTP/1.1 over TLS when `server.tls` is set), sheds load past
+//! `server.max_concurrent_requests`, and runs each request through `pipeline::handle`.
 
 pub mod body;
 pub mod error;
@@ -11,17 +12,18 @@ pub mod metering;
 pub mod path;
 pub mod pipeline;
 pub mod ratelimit_headers;
+pub mod tls;
 pub mod upstream;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -110,11 +112,17 @@ impl Stats {
         self.metrics.request(route, backend, status, decision);
     }
 
-    /// A request that was admitted and answered by the upstream.
+    /// A request that was admitted and answered by the upstream. The upstream's own 429s
+    /// are labelled `upstream_limited`, apart from tollgate's refusals (`limited`).
     pub fn served(&self, now_ms: u64, route: &str, backend: &str, status: u16) {
         self.allowed.fetch_add(1, Ordering::Relaxed);
         self.bump_history(now_ms, false);
-        self.metrics.request(route, backend, status, "allowed");
+        let decision = if status == 429 {
+            "upstream_limited"
+        } else {
+            "allowed"
+        };
+        self.metrics.request(route, backend, status, decision);
     }
 
     pub fn shadow_refusal(&self, policy: &str, limit: &str) {
@@ -211,6 +219,8 @@ pub struct Gateway {
     store_health: StoreHealth,
     last_reload: Mutex<ReloadStatus>,
     seq: AtomicU64,
+    /// Requests in progress on the proxy listener (see [`RequestSlot`]).
+    in_flight: AtomicUsize,
     /// Random per process, so reservation and request ids never collide across replicas.
     instance: u64,
 }
@@ -240,6 +250,7 @@ impl Gateway {
                 reloads: 0,
             }),
             seq: AtomicU64::new(1),
+            in_flight: AtomicUsize::new(0),
             instance: rand::random::<u64>(),
         }
     }
@@ -297,12 +308,15 @@ impl Gateway {
 
 /// Accept connections until `shutdown` flips to true, then stop accepting and let
 /// in-flight connections finish (up to the runtime's shutdown grace).
+///
+/// Each connection is served with the limits of the runtime current when it was
+/// accepted: HTTP/1.1 (keep-alive, header read timeout) or HTTP/2 (h2c by prior
+/// knowledge, h2 over TLS by ALPN), over TLS when `server.tls` is set.
 pub async fn serve(
     listener: TcpListener,
     gw: Arc<Gateway>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -318,18 +332,59 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let gw = gw.clone();
+        let rt = gw.runtime.load_full();
+        let builder = connection_builder(&rt.limits);
+        let gw_svc = gw.clone();
+        let first_request = Arc::new(tokio::sync::Notify::new());
+        let seen = first_request.clone();
         let svc = service_fn(move |req| {
-            let gw = gw.clone();
-            async move { Ok::<_, std::convert::Infallible>(pipeline::handle(gw, req, peer).await) }
+            seen.notify_one();
+            let gw = gw_svc.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle_counted(gw, req, peer).await) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with error");
+        let watcher = graceful.watcher();
+        let first_deadline = rt.limits.header_read_timeout;
+        match rt.tls.clone() {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                tokio::spawn(drive(
+                    watcher.watch(conn),
+                    first_request,
+                    first_deadline,
+                    peer,
+                ));
             }
-        });
+            Some(tls) => {
+                // The handshake runs on the connection's task, bounded like a request's
+                // headers, so a silent client cannot hold the accept loop.
+                let handshake_timeout = rt.limits.header_read_timeout;
+                tokio::spawn(async move {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .into_owned();
+                    drive(watcher.watch(conn), first_request, first_deadline, peer).await;
+                });
+            }
+        }
     }
     let grace = gw.runtime.load().limits.shutdown_grace;
     tokio::select! {
@@ -337,6 +392,105 @@ pub async fn serve(
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
     }
     Ok(())
+}
+
+/// Run one connection. hyper's header read timeout starts once a request has begun; a
+/// client that connects and sends nothing (or only part of the HTTP/2 preface) is closed
+/// when no first request arrives within `first_deadline`.
+async fn drive<C, E>(
+    conn: C,
+    first_request: Arc<tokio::sync::Notify>,
+    first_deadline: Duration,
+    peer: SocketAddr,
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        r = &mut conn => Some(r),
+        _ = first_request.notified() => None,
+        _ = tokio::time::sleep(first_deadline) => {
+            tracing::debug!(%peer, "no request within server.header_read_timeout; closing");
+            return;
+        }
+    };
+    let result = match ended {
+        Some(r) => r,
+        None => conn.await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, %peer, "connection ended with error");
+    }
+}
+
+/// hyper's own default read buffer (8 KiB + 100 × 4 KiB).
+const HYPER_DEFAULT_BUF: usize = 8192 + 4096 * 100;
+
+/// The connection settings from `server.*`. hyper's parser limits are set well above
+/// `max_headers` / `max_header_bytes`, so a request a little over them reaches
+/// `pipeline::handle` and gets tollgate's JSON 431; one far beyond gets hyper's bare 431.
+fn connection_builder(limits: &crate::runtime::Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let header_room = usize::try_from(limits.max_header_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(limits.keep_alive)
+        .max_headers(limits.max_headers.saturating_mul(2).max(100))
+        .max_buf_size(header_room.max(HYPER_DEFAULT_BUF));
+    b.http2()
+        .max_header_list_size(u32::try_from(header_room).unwrap_or(u32::MAX).max(16 << 10));
+    b
+}
+
+/// At most `server.max_concurrent_requests` requests in progress on the listener, a
+/// response body counting until it ends; beyond, 503 with `retry-after`.
+async fn handle_counted(
+    gw: Arc<Gateway>,
+    req: http::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> http::Response<body::ProxyBody> {
+    let limit = gw.runtime.load().limits.max_concurrent_requests;
+    let Some(slot) = RequestSlot::take(&gw, limit) else {
+        gw.stats.metrics.requests_shed.inc();
+        let err = error::GatewayError::Overloaded { limit };
+        gw.stats.refused(
+            gw.clock.now_ms(),
+            "-",
+            "-",
+            err.status().as_u16(),
+            err.decision(),
+        );
+        return err.into_response();
+    };
+    let resp = pipeline::handle(gw.clone(), req, peer).await;
+    resp.map(|b| http_body_util::BodyExt::boxed_unsync(body::Held::new(b, slot)))
+}
+
+/// One request's place under `max_concurrent_requests`, given back on drop.
+pub struct RequestSlot(Arc<Gateway>);
+
+impl RequestSlot {
+    fn take(gw: &Arc<Gateway>, limit: usize) -> Option<Self> {
+        // Relaxed: a bound on work, not a synchronisation point.
+        let before = gw.in_flight.fetch_add(1, Ordering::Relaxed);
+        if before >= limit {
+            gw.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        gw.stats.metrics.requests_in_flight.inc();
+        Some(Self(gw.clone()))
+    }
+}
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.metrics.requests_in_flight.dec();
+    }
 }
 
 pub fn local_addr(l: &TcpListener) -> Option<SocketAddr> {

@@ -288,6 +288,7 @@ fn locate(
     peer: SocketAddr,
     started: Instant,
 ) -> Result<RequestContext, GatewayError> {
+    check_header_limits(&rt.limits, &parts.headers)?;
     let raw_path = parts.uri.path().to_owned();
     let path = canonicalize(&raw_path).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     let host = parts
@@ -303,6 +304,12 @@ fn locate(
     } else {
         None
     };
+    if parts.method == Method::POST && is_disguised_llm_path(&path, api) {
+        return Err(GatewayError::NoRoute {
+            method: parts.method.to_string(),
+            path,
+        });
+    }
     let id = parts
         .headers
         .get("x-request-id")
@@ -330,6 +337,48 @@ fn locate(
         identity: Identity::anonymous(),
         route: None,
     })
+}
+
+/// An LLM endpoint under another spelling — a trailing slash, or letters in another
+/// case — that a lenient upstream might serve while a predicate written for the
+/// canonical path (`request.path == "/v1/chat/completions"`) would not see it. Refused
+/// (404), so no spelling escapes a budget.
+fn is_disguised_llm_path(path: &str, api: Option<Api>) -> bool {
+    if path.len() > 1 && path.ends_with('/') {
+        return Api::from_path(&path.trim_end_matches('/').to_ascii_lowercase()).is_some();
+    }
+    if !path.bytes().any(|b| b.is_ascii_uppercase()) {
+        return false;
+    }
+    // `/openai/deployments/GPT4/chat/completions` is the same API in any case; not so
+    // `/v1/Chat/Completions` (none) or `/v1/CHAT/completions` (legacy completions).
+    let folded = Api::from_path(&path.to_ascii_lowercase());
+    folded.is_some() && folded != api
+}
+
+/// `server.max_headers` / `server.max_header_bytes` (names plus values) → 431.
+fn check_header_limits(
+    limits: &crate::runtime::Limits,
+    headers: &HeaderMap,
+) -> Result<(), GatewayError> {
+    if headers.len() > limits.max_headers {
+        return Err(GatewayError::HeadersTooLarge(format!(
+            "Request has {} header fields; at most {} are accepted.",
+            headers.len(),
+            limits.max_headers
+        )));
+    }
+    let bytes: u64 = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+        .sum();
+    if bytes > limits.max_header_bytes {
+        return Err(GatewayError::HeadersTooLarge(format!(
+            "Request headers are {bytes} bytes; at most {} are accepted.",
+            limits.max_header_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// `X-Forwarded-For` is believed only from trusted proxies: walk it from the right,
@@ -485,7 +534,12 @@ where
         }
     }
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-    let bytes = match Limited::new(body, cap).collect().await {
+    // A body trickled in (slowloris after the headers) must not hold the request forever.
+    let wait = rt.limits.request_body_timeout;
+    let collected = tokio::time::timeout(wait, Limited::new(body, cap).collect())
+        .await
+        .map_err(|_| GatewayError::BodyTimeout(wait.as_millis() as u64))?;
+    let bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             return Err(if e.is::<http_body_util::LengthLimitError>() {
@@ -938,10 +992,11 @@ where
     for (k, v) in rl_headers {
         headers.insert(k, v);
     }
+    let streamed = is_sse || cx.llm.as_ref().map(|l| l.stream).unwrap_or(false);
     let meter = CallMeter::new(
         settle,
         cx.api,
-        is_sse || cx.llm.as_ref().map(|l| l.stream).unwrap_or(false),
+        streamed,
         strip_usage,
         rt.limits.max_response_buffer_bytes,
         cutoff,
@@ -949,7 +1004,9 @@ where
     if !meter_passthrough(&meter) {
         headers.remove(CONTENT_LENGTH);
     }
-    let mut resp = Response::new(MeteredBody::new(resp_body, meter).boxed_unsync());
+    let body = MeteredBody::new(resp_body, meter)
+        .with_idle_timeout(rt.limits.upstream_idle_timeout, streamed);
+    let mut resp = Response::new(body.boxed_unsync());
     *resp.status_mut() = resp_parts.status;
     *resp.headers_mut() = headers;
     Ok(resp)
@@ -975,6 +1032,31 @@ fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::strip_port;
+
+    #[test]
+    fn disguised_llm_paths() {
+        use super::is_disguised_llm_path as d;
+        use tollgate_llm::Api;
+        let api = |p: &str| Api::from_path(p);
+        for p in [
+            "/v1/chat/completions/",
+            "/v1/Chat/Completions",
+            "/v1/CHAT/completions",
+            "/V1/MESSAGES",
+            "/v1/embeddings//",
+        ] {
+            assert!(d(p, api(p)), "{p}");
+        }
+        for p in [
+            "/v1/chat/completions",
+            "/openai/deployments/GPT4/chat/completions",
+            "/v1/models/",
+            "/",
+            "/Admin",
+        ] {
+            assert!(!d(p, api(p)), "{p}");
+        }
+    }
 
     #[test]
     fn strips_ports() {
