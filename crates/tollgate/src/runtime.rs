@@ -19,6 +19,9 @@ use crate::config::{
     PolicyKindConfig, PositionIndex, Problem, RouteAuth, TargetConfig,
 };
 
+/// `server.upstream_connect_timeout` when not given.
+const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
 pub struct Backend {
     pub name: String,
     pub target: BackendTarget,
@@ -26,6 +29,8 @@ pub struct Backend {
     pub credential: Option<(HeaderName, HeaderValue)>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub forward_client_credentials: bool,
+    /// A client of its own when the backend has its own TLS settings; else the shared one.
+    pub client: Option<crate::proxy::upstream::UpstreamClient>,
 }
 
 pub enum BackendTarget {
@@ -174,6 +179,11 @@ impl Runtime {
             warnings: Vec::new(),
             reads_headers: false,
             any_identity: cfg.auth.as_ref().is_some_and(|a| a.jwt.is_some()),
+            upstream_connect_timeout_ms: cfg
+                .server
+                .upstream_connect_timeout
+                .map(|d| d.as_millis_u64())
+                .unwrap_or(DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS),
         };
         let listen = b.addr("listen", &cfg.listen);
         let admin_listen = b.addr("admin.listen", &cfg.admin.listen);
@@ -645,7 +655,10 @@ impl Runtime {
         let limits = Limits {
             max_request_body_bytes: s.max_request_body_bytes.unwrap_or(8 << 20),
             max_response_buffer_bytes: s.max_response_buffer_bytes.unwrap_or(16 << 20),
-            upstream_connect_timeout: Duration::from_millis(ms(&s.upstream_connect_timeout, 5_000)),
+            upstream_connect_timeout: Duration::from_millis(ms(
+                &s.upstream_connect_timeout,
+                DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS,
+            )),
             upstream_response_timeout: Duration::from_millis(ms(
                 &s.upstream_response_timeout,
                 300_000,
@@ -737,6 +750,8 @@ struct Builder {
     reads_headers: bool,
     /// JWT claims can carry any field: no "nobody produces this" warnings.
     any_identity: bool,
+    /// `server.upstream_connect_timeout`, for backends with a client of their own.
+    upstream_connect_timeout_ms: u64,
 }
 
 impl Builder {
@@ -914,12 +929,66 @@ impl Builder {
                 ),
             }
         }
+        let client = bc
+            .tls
+            .as_ref()
+            .and_then(|tls| self.backend_tls(path, bc, tls));
         Some(Backend {
             name: bc.name.clone(),
             target,
             credential,
             headers,
             forward_client_credentials: bc.forward_client_credentials,
+            client,
         })
+    }
+
+    /// `backends[i].tls`: files read and checked now, so a bad one is a config error.
+    fn backend_tls(
+        &mut self,
+        path: &str,
+        bc: &BackendConfig,
+        tls: &crate::config::BackendTlsConfig,
+    ) -> Option<crate::proxy::upstream::UpstreamClient> {
+        if bc
+            .url
+            .as_deref()
+            .is_some_and(|u| !u.starts_with("https://"))
+        {
+            self.err(format!("{path}.tls"), "TLS settings need an https:// url");
+            return None;
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            self.err(
+                format!("{path}.tls"),
+                "`cert_file` and `key_file` go together (mutual TLS needs both)",
+            );
+            return None;
+        }
+        let mut read = |field: &str, file: &Option<String>| -> Result<Option<Vec<u8>>, ()> {
+            let Some(f) = file.as_deref() else {
+                return Ok(None);
+            };
+            std::fs::read(f).map(Some).map_err(|e| {
+                self.err(
+                    format!("{path}.tls.{field}"),
+                    format!("cannot read `{f}`: {e}"),
+                )
+            })
+        };
+        let material = crate::proxy::upstream::UpstreamTls {
+            ca_pem: read("ca_file", &tls.ca_file).ok()?,
+            client_cert_pem: read("cert_file", &tls.cert_file).ok()?,
+            client_key_pem: read("key_file", &tls.key_file).ok()?,
+        };
+        // The connect timeout is the gateway-wide one (`server.upstream_connect_timeout`).
+        let connect = Duration::from_millis(self.upstream_connect_timeout_ms);
+        match crate::proxy::upstream::UpstreamClient::with_tls(connect, &material) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.err(format!("{path}.tls"), e);
+                None
+            }
+        }
     }
 }

@@ -144,3 +144,20 @@ fn redis_tls_files_must_be_readable_and_paired() {
         "{out}"
     );
 }
+
+#[test]
+fn backend_tls_needs_https_readable_files_and_pairs() {
+    let (code, out) = validate(
+        "backends:\n  - name: a\n    url: http://127.0.0.1:1\n    tls: { ca_file: /nonexistent/ca.pem }\n  - name: b\n    url: https://127.0.0.1:1\n    tls: { ca_file: /nonexistent/ca.pem }\n  - name: c\n    url: https://127.0.0.1:1\n    tls: { key_file: /nonexistent/k.pem }\nroutes:\n  - name: llm\n    match: { path_prefix: /v1 }\n    backend: a\n",
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("backends[0].tls"), "{out}");
+    assert!(out.contains("need an https:// url"), "{out}");
+    assert!(out.contains("backends[1].tls.ca_file"), "{out}");
+    assert!(out.contains("cannot read `/nonexistent/ca.pem`"), "{out}");
+    assert!(out.contains("backends[2].tls"), "{out}");
+    assert!(
+        out.contains("`cert_file` and `key_file` go together"),
+        "{out}"
+    );
+}

@@ -361,6 +361,25 @@ pub struct BackendConfig {
     /// routes where tollgate does not authenticate (`auth: none`).
     #[serde(default)]
     pub forward_client_credentials: bool,
+    /// For `https://` backends with a private CA or that require a client certificate.
+    #[serde(default)]
+    pub tls: Option<BackendTlsConfig>,
+}
+
+/// `backends[].tls`: PEM files, read at load (and at every reload).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsConfig {
+    /// CA certificate(s) to trust for this backend instead of the default roots
+    /// (webpki + the system's).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Client certificate chain (mutual TLS).
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// The client certificate's private key.
+    #[serde(default)]
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]

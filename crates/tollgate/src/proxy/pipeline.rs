@@ -960,7 +960,8 @@ where
             *req.uri_mut() = uri;
             *req.headers_mut() = up_headers;
             let timeout = rt.limits.upstream_response_timeout;
-            match tokio::time::timeout(timeout, gw.client.send(req)).await {
+            let client = backend.client.as_ref().unwrap_or(&gw.client);
+            match tokio::time::timeout(timeout, client.send(req)).await {
                 Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_millis() as u64)),
                 Ok(Err(e)) => Err(GatewayError::UpstreamConnect(describe_client_error(&e))),
                 Ok(Ok(resp)) => {

@@ -1,5 +1,6 @@
 //! The upstream side: one pooled HTTP client (HTTP/1.1 and HTTP/2, rustls with the
-//! webpki root store for HTTPS) and the rewriting of a client request into an upstream
+//! webpki and system root stores for HTTPS; a client of its own for a backend with its own
+//! CA or client certificate) and the rewriting of a client request into an upstream
 //! request: hop-by-hop headers dropped, the client's gateway credential removed, the
 //! backend's key and static headers injected.
 
@@ -20,45 +21,138 @@ pub struct UpstreamClient {
     client: Client<HttpsConnector, ProxyBody>,
 }
 
-/// An HTTP/HTTPS connector: rustls (ring) with the webpki root store, TCP_NODELAY and
-/// keep-alive, bounded connect time. Shared by the upstream client and JWKS fetches.
-pub fn https_connector(connect_timeout: Duration) -> HttpsConnector {
+/// PEM material for one backend's TLS: a private CA to trust instead of the default
+/// roots, and a client certificate for upstreams that require one. Never printed.
+#[derive(Clone, Default)]
+pub struct UpstreamTls {
+    pub ca_pem: Option<Vec<u8>>,
+    pub client_cert_pem: Option<Vec<u8>>,
+    pub client_key_pem: Option<Vec<u8>>,
+}
+
+/// The default trust store: the webpki roots plus the operating system's (so a corporate
+/// CA installed on the host works), loaded once. Unreadable system certificates are
+/// skipped; the webpki roots are always there.
+fn default_roots() -> rustls::RootCertStore {
+    static ROOTS: std::sync::LazyLock<rustls::RootCertStore> = std::sync::LazyLock::new(|| {
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        if !native.errors.is_empty() {
+            tracing::debug!(
+                added,
+                errors = native.errors.len(),
+                "some system root certificates could not be read"
+            );
+        }
+        roots
+    });
+    ROOTS.clone()
+}
+
+fn pem_certs(
+    what: &str,
+    pem: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what}: not PEM certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what}: no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// The rustls client configuration for `tls` (default roots, no client certificate when
+/// `None`). Errors name what is wrong with the PEM material.
+fn client_tls_config(tls: Option<&UpstreamTls>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    let roots = match tls.and_then(|t| t.ca_pem.as_deref()) {
+        None => default_roots(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in pem_certs("ca_file", pem)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca_file: not a usable CA certificate: {e}"))?;
+            }
+            roots
+        }
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots);
+    match tls.map(|t| (&t.client_cert_pem, &t.client_key_pem)) {
+        Some((Some(cert), Some(key))) => {
+            let chain = pem_certs("cert_file", cert)?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key)
+                .map_err(|e| format!("key_file: not a PEM private key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("cert_file/key_file: {e}"))
+        }
+        Some((None, None)) | None => Ok(builder.with_no_client_auth()),
+        Some(_) => Err("cert_file and key_file go together".into()),
+    }
+}
+
+fn connector(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpsConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map(|b| {
-        b.with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
-        .with_no_client_auth()
-    });
-    match tls {
-        Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http),
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http)
+}
+
+/// An HTTP/HTTPS connector: rustls (ring) with the webpki and system root stores,
+/// TCP_NODELAY and keep-alive, bounded connect time. Shared by the upstream client and
+/// JWKS fetches.
+pub fn https_connector(connect_timeout: Duration) -> HttpsConnector {
+    match client_tls_config(None) {
+        Ok(tls) => connector(connect_timeout, tls),
         // The ring provider always supports the default versions; if that ever changes,
         // fall back to the builder's own defaults rather than failing.
-        Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http),
+        Err(_) => {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(connect_timeout));
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_webpki_roots()
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http)
+        }
     }
 }
 
 impl UpstreamClient {
     pub fn new(connect_timeout: Duration) -> Self {
-        let https = https_connector(connect_timeout);
+        Self::over(https_connector(connect_timeout))
+    }
+
+    /// A client of its own for a backend with its own TLS settings (`backends[].tls`).
+    pub fn with_tls(connect_timeout: Duration, tls: &UpstreamTls) -> Result<Self, String> {
+        Ok(Self::over(connector(
+            connect_timeout,
+            client_tls_config(Some(tls))?,
+        )))
+    }
+
+    fn over(https: HttpsConnector) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
