@@ -108,9 +108,25 @@ pub fn spawn(gw: Arc<Gateway>, path: PathBuf, mut shutdown: watch::Receiver<bool
             .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let name = path.file_name().map(|n| n.to_os_string());
         match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                let _ = tx.try_send("file");
+            // Only what can change the config: the file itself, Kubernetes' atomic-writer
+            // entries (`..data`, `..2024_…`), or any PEM file (a rotated certificate).
+            // Other files in the directory (logs, say) cost nothing.
+            let relevant = |p: &PathBuf| {
+                let Some(f) = p.file_name() else {
+                    return true;
+                };
+                Some(f) == name.as_deref()
+                    || f.to_string_lossy().starts_with("..")
+                    || p.extension().is_some_and(|e| {
+                        matches!(e.to_str(), Some("pem" | "crt" | "key" | "cert"))
+                    })
+            };
+            if let Ok(ev) = res {
+                if ev.paths.is_empty() || ev.paths.iter().any(relevant) {
+                    let _ = tx.try_send("file");
+                }
             }
         }) {
             Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
