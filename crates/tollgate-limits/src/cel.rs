@@ -95,6 +95,29 @@ impl Expr {
         out
     }
 
+    /// The first-level fields of top-level variable `var` the expression reads
+    /// (`request.path` → `path`), or `None` when it may read the variable in a way this
+    /// cannot see (used whole, indexed, spelled with spaces): then every field must be
+    /// there. Lets the request path build only what some expression reads.
+    pub fn fields_read(&self, var: &str) -> Option<Vec<String>> {
+        if !self.references_variable(var) {
+            return Some(Vec::new());
+        }
+        let mut fields = Vec::new();
+        for token in identifier_chains(&self.source) {
+            if token == var {
+                return None;
+            }
+            if let Some(rest) = token.strip_prefix(var).and_then(|r| r.strip_prefix('.')) {
+                match rest.split('.').next() {
+                    Some(f) if !f.is_empty() => fields.push(f.to_owned()),
+                    _ => return None,
+                }
+            }
+        }
+        Some(fields)
+    }
+
     pub fn eval(&self, attrs: &Attrs) -> Result<Value, EvalError> {
         self.program
             .execute(attrs.context())
@@ -160,6 +183,19 @@ fn type_name(v: &Value) -> String {
 /// Dotted identifier chains in the source (`auth.identity.groups`), skipping string
 /// literals. Good enough for warnings; never used for evaluation.
 fn collect_paths(src: &str, out: &mut Vec<String>) {
+    out.extend(identifier_chains(src));
+    out.retain(|p| p.contains('.') && !p.starts_with(|c: char| c.is_ascii_digit()));
+    for p in out.iter_mut() {
+        while p.ends_with('.') {
+            p.pop();
+        }
+    }
+}
+
+/// Every identifier chain outside string literals (`auth.identity.groups`, `size`, `x`),
+/// in order.
+fn identifier_chains(src: &str) -> Vec<String> {
+    let mut out = Vec::new();
     let mut chars = src.char_indices().peekable();
     let mut current = String::new();
     let mut quote: Option<char> = None;
@@ -188,12 +224,7 @@ fn collect_paths(src: &str, out: &mut Vec<String>) {
     if !current.is_empty() {
         out.push(current);
     }
-    out.retain(|p| p.contains('.') && !p.starts_with(|c: char| c.is_ascii_digit()));
-    for p in out.iter_mut() {
-        while p.ends_with('.') {
-            p.pop();
-        }
-    }
+    out
 }
 
 /// The activation of one request: top-level variables by name. The CEL context is
@@ -386,6 +417,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.eval_cost(&a).unwrap(), 100 - 20 + 40);
+    }
+
+    #[test]
+    fn fields_read_sees_member_access_and_gives_up_on_whole_use() {
+        let e = Expr::compile(r#"request.path == "/v1/x" && has(request.model)"#).unwrap();
+        assert_eq!(
+            e.fields_read("request"),
+            Some(vec!["path".to_owned(), "model".to_owned()])
+        );
+        assert_eq!(e.fields_read("source"), Some(vec![]));
+        // A string that looks like a path is not a read.
+        let e = Expr::compile(r#"auth.identity.userid == "request.id""#).unwrap();
+        assert_eq!(e.fields_read("request"), Some(vec![]));
+        for whole in [
+            r#"request["path"] == "/x""#,
+            r#""path" in request"#,
+            r#"request .path == "/x""#,
+            r#"size(request) > 0"#,
+        ] {
+            let e = Expr::compile(whole).unwrap();
+            assert_eq!(e.fields_read("request"), None, "{whole}");
+        }
     }
 
     #[test]

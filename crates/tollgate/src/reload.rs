@@ -119,9 +119,8 @@ pub fn spawn(gw: Arc<Gateway>, path: PathBuf, mut shutdown: watch::Receiver<bool
                 };
                 Some(f) == name.as_deref()
                     || f.to_string_lossy().starts_with("..")
-                    || p.extension().is_some_and(|e| {
-                        matches!(e.to_str(), Some("pem" | "crt" | "key" | "cert"))
-                    })
+                    || p.extension()
+                        .is_some_and(|e| matches!(e.to_str(), Some("pem" | "crt" | "key" | "cert")))
             };
             if let Ok(ev) = res {
                 if ev.paths.is_empty() || ev.paths.iter().any(relevant) {

@@ -148,6 +148,9 @@ pub struct Runtime {
     pub redis_tls: Option<tollgate_limits::RedisTls>,
     /// Some expression reads `request.headers` (else the map is not built per request).
     pub cel_reads_headers: bool,
+    /// The `request.*` fields expressions read; the rest are not built per request
+    /// (`None`: some expression may read any of them).
+    pub cel_request_fields: Option<BTreeSet<String>>,
     /// The config it was built from (secrets are never serialised from it).
     pub config: Config,
 }
@@ -184,6 +187,7 @@ impl Runtime {
                 .upstream_connect_timeout
                 .map(|d| d.as_millis_u64())
                 .unwrap_or(DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS),
+            request_fields: Some(BTreeSet::new()),
         };
         let listen = b.addr("listen", &cfg.listen);
         let admin_listen = b.addr("admin.listen", &cfg.admin.listen);
@@ -732,6 +736,7 @@ impl Runtime {
                 tls,
                 access_log: cfg.logging.access_log.unwrap_or(true),
                 cel_reads_headers: b.reads_headers,
+                cel_request_fields: b.request_fields.clone(),
                 has_pre_auth,
                 authorization,
                 trusted_proxies,
@@ -752,6 +757,8 @@ struct Builder {
     any_identity: bool,
     /// `server.upstream_connect_timeout`, for backends with a client of their own.
     upstream_connect_timeout_ms: u64,
+    /// `request.*` fields some expression reads (`None`: all of them).
+    request_fields: Option<BTreeSet<String>>,
 }
 
 impl Builder {
@@ -775,6 +782,11 @@ impl Builder {
     fn cel(&mut self, path: &str, src: &str, identity_fields: &BTreeSet<String>) -> Option<Expr> {
         match Expr::compile(src) {
             Ok(e) => {
+                match (e.fields_read("request"), self.request_fields.as_mut()) {
+                    (Some(fields), Some(all)) => all.extend(fields),
+                    (None, _) => self.request_fields = None,
+                    (_, None) => {}
+                }
                 // `request.headers`, or `request` used whole (e.g. passed to a macro).
                 if src.contains("headers")
                     || e.member_paths().iter().all(|p| !p.starts_with("request."))

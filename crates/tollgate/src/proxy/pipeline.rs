@@ -570,19 +570,30 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
             }
         }
     }
-    let mut request = vec![
-        ("method", cel::string(cx.method.as_str())),
-        ("path", cel::string(cx.path.as_str())),
-        ("url_path", cel::string(cx.path.as_str())),
-        ("raw_path", cel::string(cx.raw_path.as_str())),
-        ("host", cel::string(cx.host.as_str())),
-        ("headers", cel::map(hdrs)),
-        ("query", cel::string(cx.query.as_deref().unwrap_or(""))),
-        ("id", cel::string(cx.id.as_str())),
-        ("time", cel::int(i64::try_from(now_ms).unwrap_or(i64::MAX))),
-    ];
+    // Only the fields some expression reads: converting the map is most of what an
+    // evaluation costs, per field.
+    let wanted = |f: &str| rt.cel_request_fields.as_ref().is_none_or(|s| s.contains(f));
+    let mut request = Vec::with_capacity(10);
+    let mut add = |name: &'static str, value: &dyn Fn() -> cel::Value| {
+        if wanted(name) {
+            request.push((name, value()));
+        }
+    };
+    add("method", &|| cel::string(cx.method.as_str()));
+    add("path", &|| cel::string(cx.path.as_str()));
+    add("url_path", &|| cel::string(cx.path.as_str()));
+    add("raw_path", &|| cel::string(cx.raw_path.as_str()));
+    add("host", &|| cel::string(cx.host.as_str()));
+    add("query", &|| cel::string(cx.query.as_deref().unwrap_or("")));
+    add("id", &|| cel::string(cx.id.as_str()));
+    add("time", &|| {
+        cel::int(i64::try_from(now_ms).unwrap_or(i64::MAX))
+    });
     if let Some(m) = cx.llm.as_ref().and_then(|l| l.model.as_deref()) {
-        request.push(("model", cel::string(m)));
+        add("model", &|| cel::string(m));
+    }
+    if wanted("headers") {
+        request.push(("headers", cel::map(hdrs)));
     }
     let mut a = Attrs::new();
     a.set("request", cel::map(request));
