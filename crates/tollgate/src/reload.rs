@@ -122,8 +122,18 @@ pub fn spawn(gw: Arc<Gateway>, path: PathBuf, mut shutdown: watch::Receiver<bool
                     || p.extension()
                         .is_some_and(|e| matches!(e.to_str(), Some("pem" | "crt" | "key" | "cert")))
             };
+            // Opening or reading a file is no change; without this, reading the config
+            // here (an open event on it) would wake the reloader again, forever.
+            let changes = |kind: &notify::EventKind| {
+                use notify::event::{AccessKind, AccessMode, EventKind};
+                match kind {
+                    EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                    EventKind::Access(_) => false,
+                    _ => true,
+                }
+            };
             if let Ok(ev) = res {
-                if ev.paths.is_empty() || ev.paths.iter().any(relevant) {
+                if changes(&ev.kind) && (ev.paths.is_empty() || ev.paths.iter().any(relevant)) {
                     let _ = tx.try_send("file");
                 }
             }
@@ -159,6 +169,7 @@ pub fn spawn(gw: Arc<Gateway>, path: PathBuf, mut shutdown: watch::Receiver<bool
                 }
             }
             let now = digest(&path);
+            gw.record_config_check();
             if why == "file" && now == last {
                 continue;
             }

@@ -267,3 +267,31 @@ async fn sigterm_drains_a_stream_in_flight_and_counts_it() {
     assert!(!line.contains("charged=0"), "{line}");
     assert!(line.contains("estimated=false"), "{line}");
 }
+
+/// Reading the config (an open event on it) and logs written beside it do not wake the
+/// reloader: no re-reading loop. A change to the config does, once.
+#[tokio::test]
+async fn reloader_wakes_for_config_changes_only() {
+    let up = Upstream::start().await;
+    let cfg = quickstart_config(&sim_backend(up.addr));
+    let g = Gateway::start(&cfg);
+    let dir = g.config_path.parent().unwrap().to_path_buf();
+    // Access logs go to stderr, a file beside the config; and another file there.
+    for i in 0..5 {
+        assert_eq!(chat(&g, "iamafreeuser", 1).await.status(), 200);
+        std::fs::write(dir.join("other.log"), format!("line {i}\n")).unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(g.status().await["last_reload"]["checks"], 0);
+
+    g.rewrite_config(&format!("{cfg}\n# touched\n"));
+    let st = g.wait_reloads(0).await;
+    let checks = st["last_reload"]["checks"].as_u64().unwrap();
+    assert!(checks >= 1, "{st}");
+    // Reading it to reload is not a change: it stays quiet afterwards.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(
+        g.status().await["last_reload"]["checks"].as_u64().unwrap(),
+        checks
+    );
+}

@@ -203,6 +203,8 @@ pub struct ReloadStatus {
     pub at_ms: u64,
     pub error: Option<String>,
     pub reloads: u64,
+    /// Times a file event (or SIGHUP) had the config re-read to look for a change.
+    pub checks: u64,
 }
 
 /// Reports the store's health (memory: always healthy; Redis: from its fallback state).
@@ -248,6 +250,7 @@ impl Gateway {
                 at_ms: now,
                 error: None,
                 reloads: 0,
+                checks: 0,
             }),
             seq: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
@@ -270,6 +273,14 @@ impl Gateway {
     pub fn swap_runtime(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
         self.record_reload(None);
+    }
+
+    /// Count one look at the config file after an event.
+    pub fn record_config_check(&self) {
+        match self.last_reload.lock() {
+            Ok(mut g) => g.checks += 1,
+            Err(p) => p.into_inner().checks += 1,
+        }
     }
 
     /// Record a reload attempt; `Some(error)` when it was refused.
