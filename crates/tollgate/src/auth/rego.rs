@@ -1,0 +1,92 @@
+//! OPA Rego authorization (Kuadrant AuthPolicy `authorization.*.opa.rego`), on the
+//! `regorus` interpreter.
+//!
+//! Each rule is parsed once at config load into its own engine under a generated
+//! package; a request clones the engine (cheap: the parsed modules are shared), sets
+//! the input and reads `allow`. Undefined `allow` (no rule body held) is a refusal, as
+//! in OPA. The input mirrors Authorino's authorization JSON: `auth.identity`,
+//! `context.request.http` (method, path, host, headers) and `request` (the same, flat).
+
+use regorus::{Engine, Value};
+
+pub struct RegoRule {
+    pub name: String,
+    engine: Engine,
+    allow_path: String,
+}
+
+impl RegoRule {
+    /// Parse `rego` (rules without a package line). v0 syntax first (the tutorial's
+    /// `allow { … }`), then v1 (`allow if { … }`).
+    pub fn compile(index: usize, name: &str, rego: &str) -> Result<Self, String> {
+        if rego.lines().any(|l| l.trim_start().starts_with("package ")) {
+            return Err("give the rules only: a `package` line is added by tollgate".into());
+        }
+        let package = format!("tollgate.authz.r{index}");
+        let source = format!("package {package}\n{rego}");
+        let mut first_error = String::new();
+        for v0 in [true, false] {
+            let mut engine = Engine::new();
+            engine.set_rego_v0(v0);
+            match engine.add_policy(format!("{name}.rego"), source.clone()) {
+                Ok(_) => {
+                    return Ok(Self {
+                        name: name.to_owned(),
+                        engine,
+                        allow_path: format!("data.{package}.allow"),
+                    })
+                }
+                Err(e) if v0 => first_error = e.to_string(),
+                Err(_) => {}
+            }
+        }
+        Err(format!("Rego does not parse: {first_error}"))
+    }
+
+    /// Does `allow` hold for this input?
+    pub fn allows(&self, input: &serde_json::Value) -> Result<bool, String> {
+        let mut engine = self.engine.clone();
+        engine.set_input(Value::from(input.clone()));
+        match engine.eval_rule(self.allow_path.clone()) {
+            Ok(v) => Ok(v == Value::from(true)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    const TUTORIAL: &str = r#"groups := split(object.get(input.auth.identity.metadata.annotations, "kuadrant.io/groups", ""), ",")
+allow { groups[_] == "free" }
+allow { groups[_] == "gold" }
+"#;
+
+    fn input(groups: Option<&str>) -> serde_json::Value {
+        let annotations = match groups {
+            Some(g) => json!({ "kuadrant.io/groups": g }),
+            None => json!({}),
+        };
+        json!({ "auth": { "identity": { "metadata": { "annotations": annotations } } } })
+    }
+
+    #[test]
+    fn tutorial_rule_allows_free_and_gold_only() {
+        let r = RegoRule::compile(0, "allow-groups", TUTORIAL).unwrap();
+        assert!(r.allows(&input(Some("free"))).unwrap());
+        assert!(r.allows(&input(Some("bronze,gold"))).unwrap());
+        assert!(!r.allows(&input(Some("bronze"))).unwrap());
+        assert!(!r.allows(&input(None)).unwrap());
+    }
+
+    #[test]
+    fn v1_syntax_and_errors() {
+        let r = RegoRule::compile(1, "v1", "allow if { input.auth.identity.x == 1 }").unwrap();
+        assert!(r.allows(&json!({"auth": {"identity": {"x": 1}}})).unwrap());
+        assert!(RegoRule::compile(2, "bad", "allow {").is_err());
+        assert!(RegoRule::compile(3, "pkg", "package x\nallow = true").is_err());
+    }
+}
