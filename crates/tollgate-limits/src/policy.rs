@@ -148,7 +148,9 @@ pub fn compose(composed: &[ComposedPolicy], routes: &[String]) -> Vec<CompiledPo
             .and_then(|c| c.policy.limits.get(li))
             .map(|l| l.name.clone())
     };
-    let mut groups: Vec<((usize, Vec<usize>), Vec<String>)> = Vec::new();
+    // (origin policy, its limits in effect) → the routes where exactly those apply.
+    type Selection = (usize, Vec<usize>);
+    let mut groups: Vec<(Selection, Vec<String>)> = Vec::new();
     for route in routes {
         for kind in [PolicyKind::Tokens, PolicyKind::Requests] {
             let mut applicable: Vec<(usize, &ComposedPolicy)> = composed
