@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod manifests;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
