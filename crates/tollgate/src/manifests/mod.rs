@@ -311,19 +311,21 @@ pub struct Translation {
     pub origins: Origins,
 }
 
-/// The config as YAML for `tollgate convert`, without the unset (null) fields.
+/// The config as YAML for `tollgate convert`, in schema order, without unset fields.
 pub fn to_yaml(cfg: &Config) -> Result<String, String> {
-    fn prune(v: &mut serde_json::Value) {
+    fn prune(v: &mut yaml_serde::Value) {
         match v {
-            serde_json::Value::Object(m) => {
+            yaml_serde::Value::Mapping(m) => {
                 m.retain(|_, x| !x.is_null());
-                m.values_mut().for_each(prune);
+                for (_, x) in m.iter_mut() {
+                    prune(x);
+                }
             }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(prune),
+            yaml_serde::Value::Sequence(a) => a.iter_mut().for_each(prune),
             _ => {}
         }
     }
-    let mut v = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
+    let mut v = yaml_serde::to_value(cfg).map_err(|e| e.to_string())?;
     prune(&mut v);
     yaml_serde::to_string(&v).map_err(|e| e.to_string())
 }
