@@ -743,3 +743,92 @@ async fn convert_output_decides_the_same() {
         "{d:?}"
     );
 }
+
+#[tokio::test]
+async fn auth_policy_on_one_route_and_rule_section_names() {
+    let up = Upstream::start().await;
+    let text = format!(
+        "{COMPOSITION_BASE}{}{}{}",
+        r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: route-c }
+spec:
+  parentRefs: [{ name: gw }]
+  rules:
+  - name: slow
+    matches: [{ path: { type: Exact, value: /c/slow } }]
+    backendRefs: [{ name: up }]
+  - name: fast
+    matches: [{ path: { value: /c } }]
+    backendRefs: [{ name: up }]
+---
+apiVersion: v1
+kind: Secret
+metadata: { name: k, labels: { app: a } }
+stringData: { api_key: secret-a }
+---
+apiVersion: kuadrant.io/v1
+kind: AuthPolicy
+metadata: { name: only-a }
+spec:
+  targetRef: { group: gateway.networking.k8s.io, kind: HTTPRoute, name: route-a }
+  rules:
+    authentication:
+      keys: { apiKey: { selector: { matchLabels: { app: a } } } }
+"#,
+        rlp(
+            "slow-rule",
+            "HTTPRoute",
+            "route-c",
+            "  limits:\n    one: { rates: [{ limit: 1, window: 1m }] }\n",
+        )
+        .replace("name: route-c }", "name: route-c, sectionName: slow }"),
+        "\n"
+    );
+    let gw = start(&[scratch("auth-one-route.yaml", &text)], &[("up", up.addr)]);
+    let get = |path: &'static str, key: Option<&'static str>| {
+        let mut r = client().get(gw.url(path));
+        if let Some(k) = key {
+            r = r.header("authorization", format!("Bearer {k}"));
+        }
+        r.send()
+    };
+    // The AuthPolicy covers route-a only (the default prefix is Bearer).
+    assert_eq!(get("/a/x", None).await.unwrap().status(), 401);
+    assert_eq!(get("/a/x", Some("secret-a")).await.unwrap().status(), 404);
+    assert_eq!(get("/b/x", None).await.unwrap().status(), 404);
+    // The policy on rule `slow` limits that rule only.
+    assert_eq!(get("/c/slow", None).await.unwrap().status(), 404);
+    assert_eq!(get("/c/slow", None).await.unwrap().status(), 429);
+    for _ in 0..3 {
+        assert_eq!(get("/c/x", None).await.unwrap().status(), 404);
+    }
+}
+
+#[tokio::test]
+async fn manifests_on_top_of_a_native_config() {
+    let up = Upstream::start().await;
+    let native = format!(
+        "backends:\n  - name: native-up\n    url: http://{}\nroutes:\n  - name: native\n    match: {{ path_prefix: /n }}\n    backend: native-up\npolicies:\n  - name: native-cap\n    kind: RateLimitPolicy\n    target: {{ route: native }}\n    limits:\n      all:\n        rates: [{{ limit: 1, window: 1m }}]\n",
+        up.addr
+    );
+    let cfg = scratch("native.yaml", &native);
+    let manifests = scratch(
+        "with-native.yaml",
+        &format!(
+            "{COMPOSITION_BASE}{}",
+            rlp(
+                "gw-defaults",
+                "Gateway",
+                "gw",
+                "  limits:\n    gw: { rates: [{ limit: 2, window: 1m }] }\n"
+            )
+        ),
+    );
+    let mut a = vec![OsString::from("-c"), cfg.into_os_string()];
+    a.extend(args(&[manifests], &[("up", up.addr)]));
+    let gw = Gateway::start_args(&a, &[], T0);
+    assert_eq!(admitted(&gw, "/n/x").await, 1);
+    assert_eq!(admitted(&gw, "/a/x").await, 2);
+}

@@ -470,30 +470,33 @@ impl<'a> Cx<'a> {
                     ));
                     return None;
                 };
-                match &t.section_name {
-                    None => Some((TargetConfig::Named("gateway".into()), 0)),
-                    Some(s) => {
-                        if !g.listeners.iter().any(|l| l.name == *s) {
-                            self.problems.push(d.error(
-                                &format!("{field}.sectionName"),
-                                format!("Gateway `{}` has no listener `{s}`", t.name),
-                            ));
-                            return None;
-                        }
-                        let routes: Vec<String> = self
-                            .routes
-                            .iter()
-                            .filter(|r| {
-                                r.spec.parent_refs.iter().any(|p| {
-                                    p.name == t.name
-                                        && p.section_name.as_ref().is_none_or(|x| x == s)
-                                })
-                            })
-                            .flat_map(|r| r.all.iter().cloned())
-                            .collect();
-                        Some((TargetConfig::Routes { routes }, 1))
+                if let Some(s) = &t.section_name {
+                    if !g.listeners.iter().any(|l| l.name == *s) {
+                        self.problems.push(d.error(
+                            &format!("{field}.sectionName"),
+                            format!("Gateway `{}` has no listener `{s}`", t.name),
+                        ));
+                        return None;
                     }
                 }
+                // The routes attached to this Gateway (and listener): not `gateway`, which
+                // would also cover native routes and other Gateways' routes.
+                let routes: Vec<String> = self
+                    .routes
+                    .iter()
+                    .filter(|r| {
+                        r.spec.parent_refs.iter().any(|p| {
+                            p.name == t.name
+                                && match (&t.section_name, &p.section_name) {
+                                    (Some(s), Some(x)) => s == x,
+                                    _ => true,
+                                }
+                        })
+                    })
+                    .flat_map(|r| r.all.iter().cloned())
+                    .collect();
+                let level = if t.section_name.is_some() { 1 } else { 0 };
+                Some((TargetConfig::Routes { routes }, level))
             }
             "HTTPRoute" => {
                 let Some(r) = self.routes.iter().find(|r| r.doc.name == t.name) else {
