@@ -201,10 +201,10 @@ impl Sources {
         )?;
         match Runtime::build(cfg, &index) {
             Ok((rt, w)) => {
-                warnings.extend(w.into_iter().map(|p| origins.relocate(p)));
+                warnings.extend(origins.relocate_all(w));
                 Ok((rt, warnings))
             }
-            Err(problems) => Err(problems.into_iter().map(|p| origins.relocate(p)).collect()),
+            Err(problems) => Err(origins.relocate_all(problems)),
         }
     }
 }
@@ -225,13 +225,10 @@ fn convert(sources: &Sources) -> ExitCode {
     let label = sources.label();
     let built = crate::manifests::build_config(None, &sources.manifests, &sources.backends)
         .and_then(|(cfg, index, origins, warnings)| {
-            let check = Runtime::build(cfg.clone(), &index).map_err(|ps| {
-                ps.into_iter()
-                    .map(|p| origins.relocate(p))
-                    .collect::<Vec<_>>()
-            })?;
+            let check =
+                Runtime::build(cfg.clone(), &index).map_err(|ps| origins.relocate_all(ps))?;
             let mut all = warnings;
-            all.extend(check.1.into_iter().map(|p| origins.relocate(p)));
+            all.extend(origins.relocate_all(check.1));
             Ok((cfg, all))
         });
     match built {

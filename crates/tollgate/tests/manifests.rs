@@ -591,6 +591,17 @@ fn problems_name_document_field_and_line() {
     );
     assert!(err.contains(":14:"), "line of `ratez`: {err}");
     assert!(err.contains("unknown field `ratez`"), "{err}");
+    // A misspelt top-level field is not a missing spec.
+    let typo = scratch(
+        "typo.yaml",
+        "apiVersion: kuadrant.io/v1\nkind: RateLimitPolicy\nmetadata: { name: p }\nsepc: {}\n",
+    );
+    let (ok, _, err) = convert(&[typo], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("(RateLimitPolicy p) sepc:4:1: unknown field `sepc`"),
+        "{err}"
+    );
     // A kind tollgate does not implement is refused by name.
     let ingress = scratch(
         "ingress.yaml",

@@ -108,6 +108,19 @@ impl Document {
     }
 }
 
+/// Top-level fields of the kinds read (and what `kubectl get -o yaml` adds).
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "metadata",
+    "spec",
+    "status",
+    "data",
+    "stringData",
+    "type",
+    "immutable",
+];
+
 /// Read every manifest under `paths` (files, or folders of `.yaml`/`.yml` files read in
 /// name order). Environment variables are not substituted: give the manifests as the
 /// shell would have applied them.
@@ -224,6 +237,16 @@ pub fn parse_file(file: &Path, text: &str, docs: &mut Vec<Document>, problems: &
             });
             continue;
         };
+        let unknown: Vec<String> = value
+            .as_mapping()
+            .map(|m| {
+                m.keys()
+                    .filter_map(|k| k.as_str())
+                    .filter(|k| !TOP_LEVEL_FIELDS.contains(k))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
         let name = s(meta.and_then(|m| m.get("name")));
         let doc = Document {
             file: file.to_owned(),
@@ -242,6 +265,12 @@ pub fn parse_file(file: &Path, text: &str, docs: &mut Vec<Document>, problems: &
             problems.push(doc.error("metadata.name", "`metadata.name` is required"));
             continue;
         }
+        if !unknown.is_empty() {
+            for k in unknown {
+                problems.push(doc.error(&k, format!("unknown field `{k}`")));
+            }
+            continue;
+        }
         docs.push(doc);
     }
 }
@@ -252,9 +281,32 @@ pub fn parse_file(file: &Path, text: &str, docs: &mut Vec<Document>, problems: &
 pub struct Origins {
     /// Native config path prefix → a problem template (resource, field, line).
     entries: Vec<(String, Problem)>,
+    /// Native policy paths whose limits are meant to have no counters (one budget for
+    /// every caller, as agentgateway's local limits): no warning about that.
+    shared_budgets: Vec<String>,
 }
 
 impl Origins {
+    pub fn shared_budget(&mut self, native_policy_path: String) {
+        self.shared_budgets.push(native_policy_path);
+    }
+
+    /// [`Origins::relocate`] each problem, leaving out warnings the translation expects.
+    pub fn relocate_all(&self, problems: Vec<Problem>) -> Vec<Problem> {
+        problems
+            .into_iter()
+            .filter(|p| {
+                !(p.severity == Severity::Warning
+                    && p.path.ends_with(".counters")
+                    && self
+                        .shared_budgets
+                        .iter()
+                        .any(|b| p.path.starts_with(&format!("{b}."))))
+            })
+            .map(|p| self.relocate(p))
+            .collect()
+    }
+
     pub fn record(&mut self, native_path: impl Into<String>, at: Problem) {
         self.entries.push((native_path.into(), at));
     }

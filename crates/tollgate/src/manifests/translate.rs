@@ -1030,7 +1030,10 @@ impl<'a> Cx<'a> {
                     d.name.clone()
                 };
                 let p = independent(name, kind, target.clone(), limits);
-                self.push_policy(p, d, "spec.traffic.rateLimit.local");
+                let at = format!("policies[{}]", self.cfg.policies.len());
+                if self.push_policy(p, d, "spec.traffic.rateLimit.local") {
+                    self.origins.shared_budget(at);
+                }
             }
         }
     }
