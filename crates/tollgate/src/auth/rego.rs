@@ -16,16 +16,17 @@ pub struct RegoRule {
 }
 
 impl RegoRule {
-    /// Parse `rego` (rules without a package line). v0 syntax first (the tutorial's
-    /// `allow { … }`), then v1 (`allow if { … }`).
+    /// Parse `rego` (rules without a package line). v1 syntax first (`allow if { … }`),
+    /// then v0 (the tutorial's `allow { … }`): v1 refuses a body without `if`, while v0
+    /// would read a v1 rule with another meaning.
     pub fn compile(index: usize, name: &str, rego: &str) -> Result<Self, String> {
         if rego.lines().any(|l| l.trim_start().starts_with("package ")) {
             return Err("give the rules only: a `package` line is added by tollgate".into());
         }
         let package = format!("tollgate.authz.r{index}");
         let source = format!("package {package}\n{rego}");
-        let mut first_error = String::new();
-        for v0 in [true, false] {
+        let mut errors = Vec::new();
+        for v0 in [false, true] {
             let mut engine = Engine::new();
             engine.set_rego_v0(v0);
             match engine.add_policy(format!("{name}.rego"), source.clone()) {
@@ -36,11 +37,10 @@ impl RegoRule {
                         allow_path: format!("data.{package}.allow"),
                     })
                 }
-                Err(e) if v0 => first_error = e.to_string(),
-                Err(_) => {}
+                Err(e) => errors.push(format!("as {}: {e}", if v0 { "v0" } else { "v1" })),
             }
         }
-        Err(format!("Rego does not parse: {first_error}"))
+        Err(format!("Rego does not parse ({})", errors.join("; ")))
     }
 
     /// Does `allow` hold for this input?
@@ -86,6 +86,19 @@ allow { groups[_] == "gold" }
     fn v1_syntax_and_errors() {
         let r = RegoRule::compile(1, "v1", "allow if { input.auth.identity.x == 1 }").unwrap();
         assert!(r.allows(&json!({"auth": {"identity": {"x": 1}}})).unwrap());
+        assert!(!r.allows(&json!({"auth": {"identity": {"x": 2}}})).unwrap());
+        let team = RegoRule::compile(
+            4,
+            "team",
+            "allow if { input.auth.identity.team == \"red\" }\n",
+        )
+        .unwrap();
+        assert!(team
+            .allows(&json!({"auth": {"identity": {"team": "red"}}}))
+            .unwrap());
+        assert!(!team
+            .allows(&json!({"auth": {"identity": {"team": "blue"}}}))
+            .unwrap());
         assert!(RegoRule::compile(2, "bad", "allow {").is_err());
         assert!(RegoRule::compile(3, "pkg", "package x\nallow = true").is_err());
     }
