@@ -1373,6 +1373,71 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn translate_text(text: &str) -> Result<Translation, Vec<Problem>> {
+        let mut docs = Vec::new();
+        let mut problems = Vec::new();
+        super::super::parse_file(
+            std::path::Path::new("t.yaml"),
+            text,
+            &mut docs,
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let backends = BTreeMap::from([("up".to_owned(), "http://127.0.0.1:9".to_owned())]);
+        translate(&docs, None, &backends)
+    }
+
+    const BASE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: { name: gw }\nspec: { gatewayClassName: x, listeners: [{ name: http, protocol: HTTP, port: 8080 }] }\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: r }\nspec: { parentRefs: [{ name: gw }], rules: [{ backendRefs: [{ name: up }] }] }\n---\napiVersion: gateway.solo.io/v1\nkind: RouteOption\nmetadata: { name: ro }\nspec: { targetRefs: [{ group: gateway.networking.k8s.io, kind: HTTPRoute, name: r }], options: { rateLimitConfigs: { refs: [{ name: rlc }] } } }\n---\n";
+
+    #[test]
+    fn gloo_descriptors_nested_generic_and_headers() {
+        let rlc = r#"apiVersion: ratelimit.solo.io/v1alpha1
+kind: RateLimitConfig
+metadata: { name: rlc }
+spec:
+  raw:
+    descriptors:
+    - key: generic_key
+      value: llm
+      descriptors:
+      - key: org
+        rateLimit: { requestsPerUnit: 7, unit: HOUR }
+    - key: generic_key
+      value: other
+      rateLimit: { requestsPerUnit: 1, unit: SECOND }
+    rateLimits:
+    - actions:
+      - genericKey: { descriptorValue: llm }
+      - requestHeaders: { headerName: X-Org, descriptorKey: org, skipIfAbsent: true }
+"#;
+        let t = translate_text(&format!("{BASE}{rlc}")).unwrap();
+        let p = &t.config.policies[0];
+        assert_eq!(p.kind, PolicyKindConfig::TokenRateLimitPolicy);
+        assert_eq!(
+            p.target,
+            TargetConfig::Routes {
+                routes: vec!["r".into()]
+            }
+        );
+        let l = &p.limits["generic_key.org"];
+        assert_eq!(l.rates[0].limit, 7);
+        assert_eq!(l.rates[0].window.as_millis_u64(), 3_600_000);
+        assert_eq!(l.counters, vec![r#"request.headers["x-org"]"#.to_owned()]);
+        assert_eq!(l.when, vec![r#""x-org" in request.headers"#.to_owned()]);
+    }
+
+    #[test]
+    fn gloo_unsupported_metadata_is_refused_with_its_field() {
+        let rlc = "apiVersion: ratelimit.solo.io/v1alpha1\nkind: RateLimitConfig\nmetadata: { name: rlc }\nspec:\n  raw:\n    descriptors: [{ key: k, rateLimit: { requestsPerUnit: 1, unit: MINUTE } }]\n    rateLimits:\n    - actions:\n      - metadata: { descriptorKey: k, metadataKey: { key: envoy.lb, path: [{ key: x }] } }\n";
+        let errs = translate_text(&format!("{BASE}{rlc}")).err().unwrap();
+        assert!(
+            errs[0]
+                .path
+                .ends_with("spec.raw.rateLimits[0].actions[0].metadata.metadataKey"),
+            "{errs:?}"
+        );
+    }
+
     #[test]
     fn selectors_read_escaped_dots() {
         let root = json!({"auth": {"identity": {"metadata": {"annotations": {"kuadrant.io/groups": "free"}}}}});
