@@ -38,6 +38,9 @@ enum Command {
         /// URL of a Service the manifests route to: NAME=URL (NAME or NAMESPACE/NAME).
         #[arg(long, value_name = "NAME=URL")]
         backend: Vec<String>,
+        /// A YAML mapping of Service names to URLs (--backend wins).
+        #[arg(long, value_name = "FILE")]
+        backends_file: Option<PathBuf>,
         /// Override `listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -57,6 +60,9 @@ enum Command {
         /// URL of a Service the manifests route to: NAME=URL.
         #[arg(long, value_name = "NAME=URL")]
         backend: Vec<String>,
+        /// A YAML mapping of Service names to URLs (--backend wins).
+        #[arg(long, value_name = "FILE")]
+        backends_file: Option<PathBuf>,
     },
     /// Check a config file: exit 0, or print every problem and exit 1.
     Validate {
@@ -84,10 +90,11 @@ pub fn main() -> ExitCode {
             config,
             manifests,
             backend,
+            backends_file,
             listen,
             admin_listen,
             test_clock,
-        } => match parse_backends(&backend) {
+        } => match parse_backends(&backend, backends_file.as_deref()) {
             Ok(backends) => run_async(serve(
                 Sources {
                     config,
@@ -103,7 +110,11 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Convert { manifests, backend } => match parse_backends(&backend) {
+        Command::Convert {
+            manifests,
+            backend,
+            backends_file,
+        } => match parse_backends(&backend, backends_file.as_deref()) {
             Ok(backends) => convert(&Sources {
                 config: None,
                 manifests,
@@ -209,13 +220,33 @@ impl Sources {
     }
 }
 
-fn parse_backends(args: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
-    args.iter()
-        .map(|a| match a.split_once('=') {
-            Some((n, u)) if !n.is_empty() && !u.is_empty() => Ok((n.to_owned(), u.to_owned())),
-            _ => Err(format!("--backend takes NAME=URL, got `{a}`")),
-        })
-        .collect()
+/// `--backends-file` (a YAML mapping NAME: URL), then `--backend NAME=URL` over it.
+fn parse_backends(
+    args: &[String],
+    file: Option<&std::path::Path>,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Some(f) = file {
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        let map: std::collections::BTreeMap<String, String> =
+            yaml_serde::from_str(&text).map_err(|e| {
+                format!(
+                    "{}: expected a mapping of Service names to URLs: {e}",
+                    f.display()
+                )
+            })?;
+        out.extend(map);
+    }
+    for a in args {
+        match a.split_once('=') {
+            Some((n, u)) if !n.is_empty() && !u.is_empty() => {
+                out.insert(n.to_owned(), u.to_owned());
+            }
+            _ => return Err(format!("--backend takes NAME=URL, got `{a}`")),
+        }
+    }
+    Ok(out)
 }
 
 /// `tollgate convert`: the native config the manifests mean, on stdout; problems on

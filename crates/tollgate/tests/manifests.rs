@@ -262,7 +262,11 @@ async fn kuadrant_tutorial_keys_rego_and_token_tiers() {
 #[tokio::test]
 async fn kuadrant_blog_daily_tiers() {
     let up = Upstream::start().await;
-    let gw = start(&[fixture("kuadrant-blog")], &[("llm", up.addr)]);
+    // The Service's URL from a mapping file this time.
+    let map = scratch("blog-backends.yaml", &format!("llm: http://{}\n", up.addr));
+    let mut a = args(&[fixture("kuadrant-blog")], &[]);
+    a.extend([OsString::from("--backends-file"), map.into_os_string()]);
+    let gw = Gateway::start_args(&a, &[], T0);
     let free = Call::chat(None, apikey("iamafreeuser"), "sim-model", 4000);
     let (spent, last, refused) = drain(&gw, &free, 10).await;
     assert!(spent >= 20_000 && spent - last < 20_000, "{spent}");
