@@ -66,8 +66,15 @@ enum Command {
     },
     /// Check a config file: exit 0, or print every problem and exit 1.
     Validate {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[arg(short, long, required_unless_present = "manifests")]
+        config: Option<PathBuf>,
+        /// Check Kubernetes manifests too (or instead). Repeatable.
+        #[arg(long, value_name = "PATH")]
+        manifests: Vec<PathBuf>,
+        #[arg(long, value_name = "NAME=URL")]
+        backend: Vec<String>,
+        #[arg(long, value_name = "FILE")]
+        backends_file: Option<PathBuf>,
     },
     /// Run the built-in simulated LLM on its own.
     Sim {
@@ -85,7 +92,22 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { config } => validate(&config),
+        Command::Validate {
+            config,
+            manifests,
+            backend,
+            backends_file,
+        } => match parse_backends(&backend, backends_file.as_deref()) {
+            Ok(backends) => validate(&Sources {
+                config,
+                manifests,
+                backends,
+            }),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve {
             config,
             manifests,
@@ -291,8 +313,10 @@ fn convert(sources: &Sources) -> ExitCode {
     }
 }
 
-fn validate(path: &std::path::Path) -> ExitCode {
-    match load(path) {
+fn validate(sources: &Sources) -> ExitCode {
+    let label = sources.label();
+    let path = label.as_path();
+    match sources.build() {
         Ok((_, warnings)) => {
             print_problems(path, &warnings);
             println!("{}: ok ({} warning(s))", path.display(), warnings.len());

@@ -933,3 +933,26 @@ policies:
         "{err}"
     );
 }
+
+#[test]
+fn validate_reads_manifests() {
+    let run = |extra: &[&str]| {
+        Command::new(bin())
+            .arg("validate")
+            .args(args(&[fixture("gloo-tiers")], &[]))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // The Service has no URL until one is given.
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("give --backend openai=URL"), "{err}");
+    let out = run(&["--backend", "openai=http://127.0.0.1:9"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
