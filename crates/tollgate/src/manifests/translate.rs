@@ -1439,6 +1439,64 @@ spec:
     }
 
     #[test]
+    fn listener_section_name_targets_that_listeners_routes() {
+        let text = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: gw }
+spec:
+  listeners:
+  - { name: public, protocol: HTTP, port: 8080, hostname: a.example }
+  - { name: internal, protocol: HTTP, port: 8080, hostname: b.example }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: r1 }
+spec: { parentRefs: [{ name: gw, sectionName: public }], rules: [{ backendRefs: [{ name: up }] }] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: r2 }
+spec: { parentRefs: [{ name: gw, sectionName: internal }], rules: [{ backendRefs: [{ name: up }] }] }
+---
+apiVersion: kuadrant.io/v1
+kind: RateLimitPolicy
+metadata: { name: on-route }
+spec:
+  targetRef: { group: gateway.networking.k8s.io, kind: HTTPRoute, name: r1 }
+  limits: { l: { rates: [{ limit: 1, window: 1m }] } }
+---
+apiVersion: kuadrant.io/v1
+kind: RateLimitPolicy
+metadata: { name: on-listener }
+spec:
+  targetRef: { group: gateway.networking.k8s.io, kind: Gateway, name: gw, sectionName: public }
+  limits: { l: { rates: [{ limit: 1, window: 1m }] } }
+"#;
+        let t = translate_text(text).unwrap();
+        // Hostnames come from each route's listener.
+        let host = |r: &str| {
+            t.config
+                .routes
+                .iter()
+                .find(|x| x.name == r)
+                .and_then(|x| x.hostnames.clone())
+        };
+        assert_eq!(host("r1"), Some(vec!["a.example".to_owned()]));
+        assert_eq!(host("r2"), Some(vec!["b.example".to_owned()]));
+        // The listener's policy covers r1 only and comes first: less specific than the
+        // route's, whatever the document order.
+        let names: Vec<&str> = t.config.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["on-listener", "on-route"]);
+        assert_eq!(
+            t.config.policies[0].target,
+            TargetConfig::Routes {
+                routes: vec!["r1".into()]
+            }
+        );
+        assert!(t.config.policies[0].defaults.is_some());
+    }
+
+    #[test]
     fn selectors_read_escaped_dots() {
         let root = json!({"auth": {"identity": {"metadata": {"annotations": {"kuadrant.io/groups": "free"}}}}});
         assert_eq!(
