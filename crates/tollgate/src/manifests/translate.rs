@@ -809,106 +809,29 @@ impl<'a> Cx<'a> {
             }
             // Native path → manifest path, for relocating CEL problems.
             let mut paths = Vec::new();
-            let mut block = |b: Option<KuadrantMergeable>,
-                             limits: BTreeMap<String, KuadrantLimit>,
-                             mfield: &str,
-                             nfield: &str,
-                             problems: &mut Vec<Problem>|
-             -> ComposedLimitsConfig {
-                let (strategy, when, limits) = match b {
-                    Some(m) => (m.strategy, m.when, m.limits),
-                    None => (None, Vec::new(), limits),
-                };
-                let strategy = match strategy.as_deref() {
-                    None | Some("atomic") => StrategyConfig::Atomic,
-                    Some("merge") => StrategyConfig::Merge,
-                    Some(other) => {
-                        problems.push(d.error(
-                            &format!("{mfield}.strategy"),
-                            format!("unknown strategy `{other}` (atomic, merge)"),
-                        ));
-                        StrategyConfig::Atomic
-                    }
-                };
-                for (i, _) in when.iter().enumerate() {
-                    paths.push((
-                        format!("{nfield}.when[{i}]"),
-                        format!("{mfield}.when[{i}].predicate"),
-                    ));
-                }
-                let limits = limits
-                    .into_iter()
-                    .map(|(name, l)| {
-                        let lf = format!("{mfield}.limits.{name}");
-                        let nf = format!("{nfield}.limits.{name}");
-                        paths.push((nf.clone(), lf.clone()));
-                        for i in 0..l.when.len() {
-                            paths.push((
-                                format!("{nf}.when[{i}]"),
-                                format!("{lf}.when[{i}].predicate"),
-                            ));
-                        }
-                        for i in 0..l.counters.len() {
-                            paths.push((
-                                format!("{nf}.counters[{i}]"),
-                                format!("{lf}.counters[{i}].expression"),
-                            ));
-                        }
-                        let lc = LimitConfig {
-                            rates: l
-                                .rates
-                                .into_iter()
-                                .map(|r| RateConfig {
-                                    limit: r.limit,
-                                    window: r.window,
-                                    burst: None,
-                                })
-                                .collect(),
-                            when: l.when.into_iter().map(|p| p.predicate).collect(),
-                            counters: l.counters.into_iter().map(|c| c.expression).collect(),
-                            on_error: Default::default(),
-                            anchor: Default::default(),
-                            max_in_flight: None,
-                        };
-                        (name, lc)
-                    })
-                    .collect();
-                ComposedLimitsConfig {
-                    strategy,
-                    when: when.into_iter().map(|p| p.predicate).collect(),
-                    limits,
+            let blocks = match (spec.defaults, spec.overrides) {
+                (_, Some(o)) => composed_block(d, o, "spec.overrides", "overrides", &mut paths)
+                    .map(|o| (None, Some(o))),
+                (Some(df), None) => composed_block(d, df, "spec.defaults", "defaults", &mut paths)
+                    .map(|df| (Some(df), None)),
+                // Bare limits are Kuadrant's implicit, atomic defaults.
+                (None, None) => {
+                    let bare = KuadrantMergeable {
+                        strategy: None,
+                        when: Vec::new(),
+                        limits: spec.limits,
+                    };
+                    composed_block(d, bare, "spec", "defaults", &mut paths)
+                        .map(|df| (Some(df), None))
                 }
             };
-            let mut problems = Vec::new();
-            let (defaults, overrides) = if let Some(o) = spec.overrides {
-                (
-                    None,
-                    Some(block(
-                        Some(o),
-                        BTreeMap::new(),
-                        "spec.overrides",
-                        "overrides",
-                        &mut problems,
-                    )),
-                )
-            } else if let Some(df) = spec.defaults {
-                (
-                    Some(block(
-                        Some(df),
-                        BTreeMap::new(),
-                        "spec.defaults",
-                        "defaults",
-                        &mut problems,
-                    )),
-                    None,
-                )
-            } else {
-                (
-                    Some(block(None, spec.limits, "spec", "defaults", &mut problems)),
-                    None,
-                )
+            let (defaults, overrides) = match blocks {
+                Ok(b) => b,
+                Err(p) => {
+                    self.problems.push(p);
+                    continue;
+                }
             };
-            self.problems.extend(problems);
             for i in 0..spec.when.len() {
                 paths.push((format!("when[{i}]"), format!("spec.when[{i}].predicate")));
             }
@@ -1284,6 +1207,76 @@ impl<'a> Cx<'a> {
         ));
         None
     }
+}
+
+/// A Kuadrant `defaults`/`overrides` block (or bare `limits`) as native composed limits,
+/// recording where each predicate and counter came from.
+fn composed_block(
+    d: &Document,
+    block: KuadrantMergeable,
+    mfield: &str,
+    nfield: &str,
+    paths: &mut Vec<(String, String)>,
+) -> Result<ComposedLimitsConfig, Problem> {
+    let strategy = match block.strategy.as_deref() {
+        None | Some("atomic") => StrategyConfig::Atomic,
+        Some("merge") => StrategyConfig::Merge,
+        Some(other) => {
+            return Err(d.error(
+                &format!("{mfield}.strategy"),
+                format!("unknown strategy `{other}` (atomic, merge)"),
+            ))
+        }
+    };
+    for i in 0..block.when.len() {
+        paths.push((
+            format!("{nfield}.when[{i}]"),
+            format!("{mfield}.when[{i}].predicate"),
+        ));
+    }
+    let mut limits = BTreeMap::new();
+    for (name, l) in block.limits {
+        let lf = format!("{mfield}.limits.{name}");
+        let nf = format!("{nfield}.limits.{name}");
+        paths.push((nf.clone(), lf.clone()));
+        for i in 0..l.when.len() {
+            paths.push((
+                format!("{nf}.when[{i}]"),
+                format!("{lf}.when[{i}].predicate"),
+            ));
+        }
+        for i in 0..l.counters.len() {
+            paths.push((
+                format!("{nf}.counters[{i}]"),
+                format!("{lf}.counters[{i}].expression"),
+            ));
+        }
+        let rates = l
+            .rates
+            .into_iter()
+            .map(|r| RateConfig {
+                limit: r.limit,
+                window: r.window,
+                burst: None,
+            })
+            .collect();
+        limits.insert(
+            name,
+            LimitConfig {
+                rates,
+                when: l.when.into_iter().map(|p| p.predicate).collect(),
+                counters: l.counters.into_iter().map(|c| c.expression).collect(),
+                on_error: Default::default(),
+                anchor: Default::default(),
+                max_in_flight: None,
+            },
+        );
+    }
+    Ok(ComposedLimitsConfig {
+        strategy,
+        when: block.when.into_iter().map(|p| p.predicate).collect(),
+        limits,
+    })
 }
 
 enum ActionValue {
