@@ -25,6 +25,53 @@ impl std::fmt::Debug for Expr {
     }
 }
 
+/// Rewrite `request.auth` (outside string literals, not as part of a longer name) to
+/// `auth`: Kuadrant accepts both spellings for the same attributes.
+fn alias_request_auth(source: &str) -> std::borrow::Cow<'_, str> {
+    const ALIAS: &str = "request.auth";
+    if !source.contains(ALIAS) {
+        return std::borrow::Cow::Borrowed(source);
+    }
+    let bytes = source.as_bytes();
+    let mut out = String::with_capacity(source.len());
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if let Some(q) = quote {
+            if b == b'\\' {
+                // Copy the escape and the escaped character as they are.
+                let end = (i + 2).min(bytes.len());
+                out.push_str(source.get(i..end).unwrap_or(""));
+                i = end;
+                continue;
+            }
+            if b == q {
+                quote = None;
+            }
+        } else if b == b'"' || b == b'\'' {
+            quote = Some(b);
+        } else if source[i..].starts_with(ALIAS) {
+            let before_ok = i == 0 || {
+                let p = bytes[i - 1];
+                !(p.is_ascii_alphanumeric() || p == b'_' || p == b'.')
+            };
+            let after_ok = bytes
+                .get(i + ALIAS.len())
+                .is_none_or(|a| !(a.is_ascii_alphanumeric() || *a == b'_'));
+            if before_ok && after_ok {
+                out.push_str("auth");
+                i += ALIAS.len();
+                continue;
+            }
+        }
+        let ch_len = source[i..].chars().next().map(char::len_utf8).unwrap_or(1);
+        out.push_str(&source[i..i + ch_len]);
+        i += ch_len;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A compile error with its position inside the expression (1-based line and column).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message} (at {line}:{column} of the expression)")]
@@ -56,8 +103,11 @@ fn env() -> Arc<Env> {
 }
 
 impl Expr {
+    /// Compile `source`. `request.auth.…` is read as `auth.…` (Kuadrant's alias, as in
+    /// its blog's predicates); the source kept for messages is the original.
     pub fn compile(source: &str) -> Result<Self, CompileError> {
-        match env().compile(source) {
+        let normalized = alias_request_auth(source);
+        match env().compile(&normalized) {
             Ok(program) => Ok(Self {
                 source: Arc::from(source),
                 program: Arc::new(program),
@@ -356,6 +406,34 @@ pub fn to_json(v: &Value) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_auth_is_an_alias_of_auth() {
+        assert_eq!(
+            alias_request_auth(r#"request.auth.identity.x == "request.auth" && myrequest.auth"#),
+            r#"auth.identity.x == "request.auth" && myrequest.auth"#
+        );
+        let e = Expr::compile(
+            r#"request.auth.identity.metadata.annotations["kuadrant.io/groups"].split(",").exists(g, g == "free")"#,
+        )
+        .unwrap();
+        let mut a = Attrs::new();
+        a.set(
+            "auth",
+            map([(
+                "identity",
+                map([(
+                    "metadata",
+                    map([(
+                        "annotations",
+                        map([("kuadrant.io/groups", string("gold,free"))]),
+                    )]),
+                )]),
+            )]),
+        );
+        assert!(e.eval_bool(&a).unwrap());
+        assert!(e.source().starts_with("request.auth."));
+    }
 
     fn attrs_with_groups(groups: &str) -> Attrs {
         let mut a = Attrs::new();

@@ -103,6 +103,119 @@ impl CompiledPolicy {
     }
 }
 
+/// Whether a composed policy's limits are defaults (a more specific policy replaces
+/// them) or overrides (they win over more specific policies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Defaults,
+    Overrides,
+}
+
+/// How a composed policy's limits meet those of others of the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Taken whole: the winning policy's set replaces the others'.
+    Atomic,
+    /// Merged by limit name; on a clash the winning policy's limit is kept.
+    Merge,
+}
+
+/// A policy that takes part in Kuadrant-style composition.
+#[derive(Debug, Clone)]
+pub struct ComposedPolicy {
+    pub policy: CompiledPolicy,
+    pub role: Role,
+    pub strategy: Strategy,
+}
+
+/// Resolve composition into plain policies, per route and per kind (token and request
+/// policies never compose with each other), as Kuadrant does:
+///
+/// - policies covering a route are ordered least specific first: gateway-wide ones, then
+///   route ones, each in config order (a later policy is the more specific);
+/// - `defaults` apply from least to most specific, so the most specific wins;
+/// - `overrides` then apply from most to least specific, so the least specific wins;
+/// - `atomic` replaces the whole set, `merge` replaces limits of the same name and adds
+///   the others.
+///
+/// Each resulting policy keeps its origin's name and limit names, so a limit in effect
+/// on several routes keeps one set of counters. The output targets the routes where
+/// exactly that subset of the origin's limits is in effect.
+pub fn compose(composed: &[ComposedPolicy], routes: &[String]) -> Vec<CompiledPolicy> {
+    let limit_name = |(pi, li): (usize, usize)| {
+        composed
+            .get(pi)
+            .and_then(|c| c.policy.limits.get(li))
+            .map(|l| l.name.clone())
+    };
+    // (origin policy, its limits in effect) → the routes where exactly those apply.
+    type Selection = (usize, Vec<usize>);
+    let mut groups: Vec<(Selection, Vec<String>)> = Vec::new();
+    for route in routes {
+        for kind in [PolicyKind::Tokens, PolicyKind::Requests] {
+            let mut applicable: Vec<(usize, &ComposedPolicy)> = composed
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.policy.kind == kind && c.policy.covers_route(route))
+                .collect();
+            applicable.sort_by_key(|(_, c)| matches!(c.policy.target, Target::Routes(_)));
+            let mut effective: Vec<(usize, usize)> = Vec::new();
+            let mut apply = |pi: usize, c: &ComposedPolicy| {
+                let mine = (0..c.policy.limits.len()).map(|li| (pi, li));
+                match c.strategy {
+                    Strategy::Atomic => effective = mine.collect(),
+                    Strategy::Merge => {
+                        for id in mine {
+                            let name = limit_name(id);
+                            match effective.iter_mut().find(|e| limit_name(**e) == name) {
+                                Some(slot) => *slot = id,
+                                None => effective.push(id),
+                            }
+                        }
+                    }
+                }
+            };
+            for (pi, c) in &applicable {
+                if c.role == Role::Defaults {
+                    apply(*pi, c);
+                }
+            }
+            for (pi, c) in applicable.iter().rev() {
+                if c.role == Role::Overrides {
+                    apply(*pi, c);
+                }
+            }
+            let mut by_policy: Vec<(usize, Vec<usize>)> = Vec::new();
+            for (pi, li) in effective {
+                match by_policy.iter_mut().find(|(p, _)| *p == pi) {
+                    Some((_, ls)) => ls.push(li),
+                    None => by_policy.push((pi, vec![li])),
+                }
+            }
+            for (pi, mut ls) in by_policy {
+                ls.sort_unstable();
+                let key = (pi, ls);
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, rs)) => rs.push(route.clone()),
+                    None => groups.push((key, vec![route.clone()])),
+                }
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|((pi, ls), routes)| {
+            let mut p = composed.get(pi)?.policy.clone();
+            p.limits = ls
+                .iter()
+                .filter_map(|&li| p.limits.get(li).cloned())
+                .collect();
+            p.target = Target::Routes(routes);
+            Some(p)
+        })
+        .collect()
+}
+
 /// Token figures of one call, real or estimated, as CEL sees them in `usage`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenFigures {
@@ -504,6 +617,71 @@ mod tests {
         assert!(p.ops.is_empty());
         assert_eq!(p.errors.len(), 2);
         assert_eq!(p.denied().map(|e| &*e.limit), Some("free"));
+    }
+
+    fn composed(
+        name: &str,
+        target: Target,
+        role: Role,
+        strategy: Strategy,
+        limits: &[&str],
+    ) -> ComposedPolicy {
+        let mut p = tutorial().remove(0);
+        p.name = Arc::from(name);
+        p.target = target;
+        p.limits = limits.iter().map(|l| limit(l, "free", 1)).collect();
+        ComposedPolicy {
+            policy: p,
+            role,
+            strategy,
+        }
+    }
+
+    fn effective(out: &[CompiledPolicy], route: &str) -> Vec<String> {
+        let mut v: Vec<String> = out
+            .iter()
+            .filter(|p| p.covers_route(route))
+            .flat_map(|p| {
+                p.limits
+                    .iter()
+                    .map(move |l| format!("{}/{}", p.name, l.name))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn composition_defaults_overrides_atomic_merge() {
+        let routes = vec!["a".to_owned(), "b".to_owned()];
+        let gw = |role, strategy| composed("gw", Target::Gateway, role, strategy, &["x", "y"]);
+        let ra = |role, strategy| {
+            composed(
+                "ra",
+                Target::Routes(vec!["a".into()]),
+                role,
+                strategy,
+                &["y", "z"],
+            )
+        };
+        use Role::*;
+        use Strategy::*;
+        // Gateway defaults, replaced whole on route a by its own policy.
+        let out = compose(&[gw(Defaults, Atomic), ra(Defaults, Atomic)], &routes);
+        assert_eq!(effective(&out, "a"), ["ra/y", "ra/z"]);
+        assert_eq!(effective(&out, "b"), ["gw/x", "gw/y"]);
+        // Merge: the route's `y` replaces the gateway's, `x` stays.
+        let out = compose(&[ra(Defaults, Merge), gw(Defaults, Merge)], &routes);
+        assert_eq!(effective(&out, "a"), ["gw/x", "ra/y", "ra/z"]);
+        // Overrides win over the route: whole, or by name.
+        let out = compose(&[gw(Overrides, Atomic), ra(Defaults, Atomic)], &routes);
+        assert_eq!(effective(&out, "a"), ["gw/x", "gw/y"]);
+        let out = compose(&[gw(Overrides, Merge), ra(Defaults, Atomic)], &routes);
+        assert_eq!(effective(&out, "a"), ["gw/x", "gw/y", "ra/z"]);
+        // One policy in effect on both routes stays one policy (one set of counters).
+        let out = compose(&[gw(Defaults, Atomic)], &routes);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].target, Target::Routes(routes.clone()));
     }
 
     #[test]

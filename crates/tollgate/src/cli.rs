@@ -1,4 +1,5 @@
-//! The command line: `serve`, `validate`, `sim`.
+//! The command line: `serve` (`--config` and/or `--manifests`), `convert`, `validate`,
+//! `sim`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -27,8 +28,19 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve {
-        #[arg(short, long)]
-        config: PathBuf,
+        /// Native config file (YAML). At least one of --config and --manifests.
+        #[arg(short, long, required_unless_present = "manifests")]
+        config: Option<PathBuf>,
+        /// Kubernetes manifests (a file or a folder of multi-document YAML): Gateway API,
+        /// Kuadrant, agentgateway and Gloo resources. Repeatable.
+        #[arg(long, value_name = "PATH")]
+        manifests: Vec<PathBuf>,
+        /// URL of a Service the manifests route to: NAME=URL (NAME or NAMESPACE/NAME).
+        #[arg(long, value_name = "NAME=URL")]
+        backend: Vec<String>,
+        /// A YAML mapping of Service names to URLs (--backend wins).
+        #[arg(long, value_name = "FILE")]
+        backends_file: Option<PathBuf>,
         /// Override `listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -40,10 +52,29 @@ enum Command {
         #[arg(long, value_name = "START_MS", num_args = 0..=1, default_missing_value = "now")]
         test_clock: Option<String>,
     },
+    /// Print the native config equivalent to Kubernetes manifests.
+    Convert {
+        /// A file or a folder of multi-document YAML. Repeatable.
+        #[arg(long, value_name = "PATH", required = true)]
+        manifests: Vec<PathBuf>,
+        /// URL of a Service the manifests route to: NAME=URL.
+        #[arg(long, value_name = "NAME=URL")]
+        backend: Vec<String>,
+        /// A YAML mapping of Service names to URLs (--backend wins).
+        #[arg(long, value_name = "FILE")]
+        backends_file: Option<PathBuf>,
+    },
     /// Check a config file: exit 0, or print every problem and exit 1.
     Validate {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[arg(short, long, required_unless_present = "manifests")]
+        config: Option<PathBuf>,
+        /// Check Kubernetes manifests too (or instead). Repeatable.
+        #[arg(long, value_name = "PATH")]
+        manifests: Vec<PathBuf>,
+        #[arg(long, value_name = "NAME=URL")]
+        backend: Vec<String>,
+        #[arg(long, value_name = "FILE")]
+        backends_file: Option<PathBuf>,
     },
     /// Run the built-in simulated LLM on its own.
     Sim {
@@ -61,13 +92,61 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { config } => validate(&config),
+        Command::Validate {
+            config,
+            manifests,
+            backend,
+            backends_file,
+        } => match parse_backends(&backend, backends_file.as_deref()) {
+            Ok(backends) => validate(&Sources {
+                config,
+                manifests,
+                backends,
+            }),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve {
             config,
+            manifests,
+            backend,
+            backends_file,
             listen,
             admin_listen,
             test_clock,
-        } => run_async(serve(config, listen, admin_listen, test_clock)),
+        } => match parse_backends(&backend, backends_file.as_deref()) {
+            Ok(backends) => run_async(serve(
+                Sources {
+                    config,
+                    manifests,
+                    backends,
+                },
+                listen,
+                admin_listen,
+                test_clock,
+            )),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Convert {
+            manifests,
+            backend,
+            backends_file,
+        } => match parse_backends(&backend, backends_file.as_deref()) {
+            Ok(backends) => convert(&Sources {
+                config: None,
+                manifests,
+                backends,
+            }),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Sim {
             listen,
             model,
@@ -126,8 +205,118 @@ fn load(path: &std::path::Path) -> Result<(Runtime, Vec<config::Problem>), Vec<c
     Runtime::build(cfg, &index)
 }
 
-fn validate(path: &std::path::Path) -> ExitCode {
-    match load(path) {
+/// Where the configuration comes from: a native file, manifests, or both.
+struct Sources {
+    config: Option<PathBuf>,
+    manifests: Vec<PathBuf>,
+    backends: std::collections::BTreeMap<String, String>,
+}
+
+impl Sources {
+    /// What to name in messages.
+    fn label(&self) -> PathBuf {
+        match (&self.config, self.manifests.first()) {
+            (Some(c), _) => c.clone(),
+            (None, Some(m)) => m.clone(),
+            (None, None) => PathBuf::from("-"),
+        }
+    }
+
+    fn build(&self) -> Result<(Runtime, Vec<config::Problem>), Vec<config::Problem>> {
+        if self.manifests.is_empty() {
+            let path = self.config.as_deref().unwrap_or(std::path::Path::new("-"));
+            return load(path);
+        }
+        let (cfg, index, origins, mut warnings) = crate::manifests::build_config(
+            self.config.as_deref(),
+            &self.manifests,
+            &self.backends,
+        )?;
+        match Runtime::build(cfg, &index) {
+            Ok((rt, w)) => {
+                warnings.extend(origins.relocate_all(w));
+                Ok((rt, warnings))
+            }
+            Err(problems) => Err(origins.relocate_all(problems)),
+        }
+    }
+}
+
+/// `--backends-file` (a YAML mapping NAME: URL), then `--backend NAME=URL` over it.
+fn parse_backends(
+    args: &[String],
+    file: Option<&std::path::Path>,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Some(f) = file {
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        let map: std::collections::BTreeMap<String, String> =
+            yaml_serde::from_str(&text).map_err(|e| {
+                format!(
+                    "{}: expected a mapping of Service names to URLs: {e}",
+                    f.display()
+                )
+            })?;
+        out.extend(map);
+    }
+    for a in args {
+        match a.split_once('=') {
+            Some((n, u)) if !n.is_empty() && !u.is_empty() => {
+                out.insert(n.to_owned(), u.to_owned());
+            }
+            _ => return Err(format!("--backend takes NAME=URL, got `{a}`")),
+        }
+    }
+    Ok(out)
+}
+
+/// `tollgate convert`: the native config the manifests mean, on stdout; problems on
+/// stderr. The output loads with `serve --config` and behaves the same (API keys are
+/// written as SHA-256 digests, never in clear).
+fn convert(sources: &Sources) -> ExitCode {
+    let label = sources.label();
+    let built = crate::manifests::build_config(None, &sources.manifests, &sources.backends)
+        .and_then(|(cfg, index, origins, warnings)| {
+            let check =
+                Runtime::build(cfg.clone(), &index).map_err(|ps| origins.relocate_all(ps))?;
+            let mut all = warnings;
+            all.extend(origins.relocate_all(check.1));
+            Ok((cfg, all))
+        });
+    match built {
+        Ok((cfg, warnings)) => {
+            print_problems(&label, &warnings);
+            match crate::manifests::to_yaml(&cfg) {
+                Ok(text) => {
+                    let from: Vec<String> = sources
+                        .manifests
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    println!(
+                        "# Generated by `tollgate convert` from {}.\n{text}",
+                        from.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot write the config: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(problems) => {
+            print_problems(&label, &problems);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(sources: &Sources) -> ExitCode {
+    let label = sources.label();
+    let path = label.as_path();
+    match sources.build() {
         Ok((_, warnings)) => {
             print_problems(path, &warnings);
             println!("{}: ok ({} warning(s))", path.display(), warnings.len());
@@ -245,12 +434,13 @@ fn build_store(
 }
 
 async fn serve(
-    path: PathBuf,
+    sources: Sources,
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     test_clock: Option<String>,
 ) -> anyhow::Result<()> {
-    let (runtime, warnings) = match load(&path) {
+    let path = sources.label();
+    let (runtime, warnings) = match sources.build() {
         Ok(x) => x,
         Err(problems) => {
             print_problems(&path, &problems);
@@ -361,7 +551,11 @@ async fn serve(
     if let Some(j) = &gw.runtime.load().jwt {
         j.spawn_refresh();
     }
-    crate::reload::spawn(gw.clone(), path.clone(), rx.clone());
+    // Manifests are read once: reloading the native file alone would drop them.
+    match (&sources.config, sources.manifests.is_empty()) {
+        (Some(config), true) => crate::reload::spawn(gw.clone(), config.clone(), rx.clone()),
+        _ => tracing::info!("reading manifests: hot reload is off; restart to apply changes"),
+    }
     let proxy_task = tokio::spawn(crate::proxy::serve(proxy_l, gw.clone(), rx));
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");

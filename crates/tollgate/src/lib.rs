@@ -6,16 +6,19 @@
 //! `tollgate_limits` decides and counts → `proxy::metering` settles the real cost.
 //!
 //! - [`config`]: YAML schema, loading with positions, every problem at once.
+//! - [`manifests`]: Kubernetes resources (Gateway API, Kuadrant, agentgateway, Gloo) →
+//!   a native config, for `serve --manifests` and `convert`.
 //! - [`runtime`]: the immutable compiled config (routes, backends, keys, policies).
-//! - [`auth`]: API keys (digests, constant-time compare).
+//! - [`auth`]: API keys (digests, constant-time compare), JWT, OPA Rego.
 //! - [`proxy`]: listener, pipeline, upstream client, metering, the one error mapping.
 //! - [`admin`]: health, readiness, counters, test clock.
-//! - [`cli`]: `serve`, `validate`, `sim`.
+//! - [`cli`]: `serve`, `convert`, `validate`, `sim`.
 
 pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod manifests;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

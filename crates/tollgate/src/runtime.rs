@@ -10,13 +10,14 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use tollgate_limits::cel::Expr;
 use tollgate_limits::policy::{
-    Accounting, Anchor, CompiledLimit, CompiledPolicy, Mode, OnError, PolicyKind, RateSpec, Target,
+    Accounting, Anchor, CompiledLimit, CompiledPolicy, ComposedPolicy, Mode, OnError, PolicyKind,
+    RateSpec, Role, Strategy, Target,
 };
 
 use crate::auth::{digest, ApiKeys};
 use crate::config::{
     AccountingConfig, AnchorConfig, ApiKeyHeader, BackendConfig, Config, ModeConfig, OnErrorConfig,
-    PolicyKindConfig, PositionIndex, Problem, RouteAuth, TargetConfig,
+    PolicyKindConfig, PositionIndex, Problem, RouteAuth, StrategyConfig, TargetConfig,
 };
 
 /// `server.upstream_connect_timeout` when not given.
@@ -138,6 +139,8 @@ pub struct Runtime {
     pub access_log: bool,
     /// `auth.authorization`: all must hold, else 403.
     pub authorization: Vec<Expr>,
+    /// `auth.opa`: every Rego rule must allow, else 403.
+    pub opa: Vec<crate::auth::rego::RegoRule>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Some policy runs before authentication.
@@ -473,6 +476,7 @@ impl Runtime {
             .collect();
 
         let mut policies = Vec::new();
+        let mut composed = Vec::new();
         let mut policy_names = HashSet::new();
         for (i, pc) in cfg.policies.iter().enumerate() {
             let path = format!("policies[{i}]");
@@ -537,12 +541,56 @@ impl Runtime {
                     "`accounting` applies to TokenRateLimitPolicy only",
                 );
             }
-            if pc.limits.is_empty() {
-                b.warn(format!("{path}.limits"), "policy has no limits");
+            // Exactly one of `limits` (independent), `defaults`, `overrides` (composed).
+            let blocks = [
+                (!pc.limits.is_empty()).then_some("limits"),
+                pc.defaults.as_ref().map(|_| "defaults"),
+                pc.overrides.as_ref().map(|_| "overrides"),
+            ];
+            let given: Vec<&str> = blocks.iter().flatten().copied().collect();
+            if given.len() > 1 {
+                b.err(
+                    &path,
+                    format!(
+                        "give one of `limits`, `defaults` and `overrides`, not {}",
+                        given.join(" and ")
+                    ),
+                );
+            }
+            let (lbase, block_limits, composition, block_when) = match (&pc.defaults, &pc.overrides)
+            {
+                (Some(d), _) => (
+                    format!("{path}.defaults"),
+                    &d.limits,
+                    Some((Role::Defaults, d.strategy)),
+                    Some(&d.when),
+                ),
+                (None, Some(o)) => (
+                    format!("{path}.overrides"),
+                    &o.limits,
+                    Some((Role::Overrides, o.strategy)),
+                    Some(&o.when),
+                ),
+                (None, None) => (path.clone(), &pc.limits, None, None),
+            };
+            if block_limits.is_empty() {
+                b.warn(format!("{lbase}.limits"), "policy has no limits");
+            }
+            // Policy-level predicates guard every limit: compiled once, prepended.
+            let mut guard: Vec<Expr> = pc
+                .when
+                .iter()
+                .enumerate()
+                .filter_map(|(wi, src)| b.cel(&format!("{path}.when[{wi}]"), src, &identity_fields))
+                .collect();
+            for (wi, src) in block_when.into_iter().flatten().enumerate() {
+                if let Some(e) = b.cel(&format!("{lbase}.when[{wi}]"), src, &identity_fields) {
+                    guard.push(e);
+                }
             }
             let mut limits = Vec::new();
-            for (lname, lc) in &pc.limits {
-                let lpath = format!("{path}.limits.{lname}");
+            for (lname, lc) in block_limits {
+                let lpath = format!("{lbase}.limits.{lname}");
                 if lc.rates.is_empty() && lc.max_in_flight.is_none() {
                     b.err(
                         format!("{lpath}.rates"),
@@ -572,13 +620,12 @@ impl Runtime {
                         burst: rc.burst,
                     });
                 }
-                let when = lc
-                    .when
+                let when = guard
                     .iter()
-                    .enumerate()
-                    .filter_map(|(wi, src)| {
+                    .cloned()
+                    .chain(lc.when.iter().enumerate().filter_map(|(wi, src)| {
                         b.cel(&format!("{lpath}.when[{wi}]"), src, &identity_fields)
-                    })
+                    }))
                     .collect();
                 let counters = lc
                     .counters
@@ -610,7 +657,7 @@ impl Runtime {
                     max_in_flight: lc.max_in_flight,
                 });
             }
-            policies.push(CompiledPolicy {
+            let compiled = CompiledPolicy {
                 name: Arc::from(pc.name.as_str()),
                 kind,
                 target,
@@ -628,7 +675,38 @@ impl Runtime {
                 exact_prompt: pc.prompt_estimate == crate::config::PromptEstimateConfig::Exact,
                 pre_auth: pc.phase == crate::config::PhaseConfig::PreAuth,
                 limits,
-            });
+            };
+            match composition {
+                None => policies.push(compiled),
+                Some((role, strategy)) => {
+                    if compiled.pre_auth {
+                        b.err(
+                            format!("{path}.phase"),
+                            "`phase: pre_auth` applies to independent `limits` only",
+                        );
+                    }
+                    composed.push(ComposedPolicy {
+                        policy: compiled,
+                        role,
+                        strategy: match strategy {
+                            StrategyConfig::Atomic => Strategy::Atomic,
+                            StrategyConfig::Merge => Strategy::Merge,
+                        },
+                    });
+                }
+            }
+        }
+        // Kuadrant composition is resolved here, once: the request path sees plain
+        // policies, each covering the routes where its limits are in effect.
+        let route_names: Vec<String> = cfg.routes.iter().map(|r| r.name.clone()).collect();
+        policies.extend(tollgate_limits::policy::compose(&composed, &route_names));
+
+        let mut opa = Vec::new();
+        for (i, rule) in cfg.auth.iter().flat_map(|a| a.opa.iter()).enumerate() {
+            match crate::auth::rego::RegoRule::compile(i, &rule.name, &rule.rego) {
+                Ok(r) => opa.push(r),
+                Err(e) => b.err(format!("auth.opa[{i}].rego"), e),
+            }
         }
 
         let authorization: Vec<Expr> = cfg
@@ -739,6 +817,7 @@ impl Runtime {
                 cel_request_fields: b.request_fields.clone(),
                 has_pre_auth,
                 authorization,
+                opa,
                 trusted_proxies,
                 admin_token,
                 redis_tls,

@@ -105,9 +105,24 @@ impl<'de> Deserialize<'de> for ConfigDuration {
     }
 }
 
+/// The largest whole unit that writes `ms` exactly: `1m`, `24h` → `1d`, `1500ms`.
+pub fn format_config(ms: u64) -> String {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 impl Serialize for ConfigDuration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", self.as_millis_u64()))
+        s.serialize_str(&format_config(self.as_millis_u64()))
     }
 }
 
@@ -131,6 +146,20 @@ mod tests {
         assert!(parse("1w").unwrap_err().contains("unknown unit"));
         assert!(parse("m").is_err());
         assert!(parse("99999999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn config_text_round_trips() {
+        for (ms, text) in [
+            (60_000, "1m"),
+            (86_400_000, "1d"),
+            (5_400_000, "90m"),
+            (1_500, "1500ms"),
+            (0, "0ms"),
+        ] {
+            assert_eq!(format_config(ms), text);
+            assert_eq!(parse(text).unwrap().as_millis() as u64, ms);
+        }
     }
 
     #[test]

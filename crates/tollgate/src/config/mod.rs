@@ -436,6 +436,19 @@ pub struct AuthConfig {
     /// (`permission_denied`), e.g. `request.model in auth.identity.llms.openai`.
     #[serde(default)]
     pub authorization: Vec<String>,
+    /// OPA Rego rules (as Kuadrant's AuthPolicy `opa.rego`): each must make `allow`
+    /// true, else 403. Input: `auth.identity`, `request` and `context.request.http`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opa: Vec<OpaRuleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpaRuleConfig {
+    pub name: String,
+    /// Rego rules without a `package` line (one is added); v0 syntax (`allow { … }`)
+    /// and v1 syntax (`allow if { … }`) are both accepted.
+    pub rego: String,
 }
 
 fn default_prefixes() -> Vec<String> {
@@ -551,6 +564,41 @@ pub struct PolicyConfig {
     /// `source.address`), so floods of bad credentials never reach key or JWT checks.
     #[serde(default)]
     pub phase: PhaseConfig,
+    /// Predicates that must all hold for any limit of this policy to apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<String>,
+    /// Independent limits: they apply on top of every other policy's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, LimitConfig>,
+    /// Composed limits (Kuadrant's `defaults`): a more specific policy of the same kind
+    /// replaces (`atomic`) or merges into (`merge`) them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<ComposedLimitsConfig>,
+    /// Composed limits (Kuadrant's `overrides`): they win over more specific policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<ComposedLimitsConfig>,
+}
+
+/// How composed limits combine with those of other policies of the same kind.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyConfig {
+    /// The winning policy's limits are taken whole.
+    #[default]
+    Atomic,
+    /// Limits are merged by name; on a clash the winning policy's limit is kept.
+    Merge,
+}
+
+/// `defaults` / `overrides` of a policy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComposedLimitsConfig {
+    #[serde(default)]
+    pub strategy: StrategyConfig,
+    /// Predicates that must all hold for these limits to apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<String>,
     pub limits: BTreeMap<String, LimitConfig>,
 }
 

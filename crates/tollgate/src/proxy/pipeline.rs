@@ -619,6 +619,30 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
     a
 }
 
+/// The input document of `auth.opa` rules, shaped as Authorino's authorization JSON.
+/// The client's credential headers are left out.
+fn opa_input(cx: &RequestContext, headers: &HeaderMap) -> serde_json::Value {
+    let hdrs: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .filter(|(k, _)| *k != http::header::AUTHORIZATION && k.as_str() != "x-api-key")
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.into())))
+        .collect();
+    let http = serde_json::json!({
+        "method": cx.method.as_str(),
+        "path": cx.path.as_str(),
+        "host": cx.host.as_str(),
+        "headers": hdrs,
+    });
+    serde_json::json!({
+        "auth": {
+            "identity": tollgate_limits::cel::to_json(&cx.identity.identity),
+            "method": cx.identity.method,
+        },
+        "context": { "request": { "http": http.clone() } },
+        "request": http,
+    })
+}
+
 /// What admission decided, carried into forwarding and settlement.
 pub struct Admitted {
     pub settle: Settle,
@@ -667,6 +691,26 @@ async fn admit(
                     return Err(GatewayError::Forbidden(format!(
                         "Permission denied: `{}` could not be evaluated ({e}).",
                         pred.source()
+                    )))
+                }
+            }
+        }
+    }
+    if route.auth != RouteAuth::None && !rt.opa.is_empty() {
+        let input = opa_input(cx, headers);
+        for rule in &rt.opa {
+            match rule.allows(&input) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(GatewayError::Forbidden(format!(
+                        "Permission denied by the `{}` rule.",
+                        rule.name
+                    )))
+                }
+                Err(e) => {
+                    return Err(GatewayError::Forbidden(format!(
+                        "Permission denied: the `{}` rule could not be evaluated ({e}).",
+                        rule.name
                     )))
                 }
             }

@@ -73,11 +73,27 @@ impl Gateway {
         let dir = tempdir::TempDir::new();
         let cfg = dir.0.join("config.yaml");
         std::fs::write(&cfg, config).unwrap();
+        let args = vec!["-c".into(), cfg.into_os_string()];
+        Self::launch(dir, &args, env, t0)
+    }
+
+    /// Start `serve` with these arguments (besides the listeners and the test clock).
+    pub fn start_args(args: &[std::ffi::OsString], env: &[(&str, &str)], t0: u64) -> Self {
+        Self::launch(tempdir::TempDir::new(), args, env, t0)
+    }
+
+    fn launch(
+        dir: tempdir::TempDir,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &str)],
+        t0: u64,
+    ) -> Self {
+        let cfg = dir.0.join("config.yaml");
         let stderr_path = dir.0.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "-c"])
-            .arg(&cfg)
+        cmd.arg("serve")
+            .args(args)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .arg(format!("--test-clock={t0}"))
             .stdout(Stdio::piped())
