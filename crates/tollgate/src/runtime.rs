@@ -154,6 +154,9 @@ pub struct Runtime {
     /// The `request.*` fields expressions read; the rest are not built per request
     /// (`None`: some expression may read any of them).
     pub cel_request_fields: Option<BTreeSet<String>>,
+    /// Top-level variables besides `request` (`source`, `auth`, `llm`) some expression
+    /// reads; the others are not built per request.
+    pub cel_vars: BTreeSet<&'static str>,
     /// The config it was built from (secrets are never serialised from it).
     pub config: Config,
 }
@@ -191,6 +194,7 @@ impl Runtime {
                 .map(|d| d.as_millis_u64())
                 .unwrap_or(DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS),
             request_fields: Some(BTreeSet::new()),
+            vars_read: BTreeSet::new(),
         };
         let listen = b.addr("listen", &cfg.listen);
         let admin_listen = b.addr("admin.listen", &cfg.admin.listen);
@@ -815,6 +819,7 @@ impl Runtime {
                 access_log: cfg.logging.access_log.unwrap_or(true),
                 cel_reads_headers: b.reads_headers,
                 cel_request_fields: b.request_fields.clone(),
+                cel_vars: b.vars_read.clone(),
                 has_pre_auth,
                 authorization,
                 opa,
@@ -838,6 +843,8 @@ struct Builder {
     upstream_connect_timeout_ms: u64,
     /// `request.*` fields some expression reads (`None`: all of them).
     request_fields: Option<BTreeSet<String>>,
+    /// Top-level variables besides `request` that some expression reads.
+    vars_read: BTreeSet<&'static str>,
 }
 
 impl Builder {
@@ -861,6 +868,11 @@ impl Builder {
     fn cel(&mut self, path: &str, src: &str, identity_fields: &BTreeSet<String>) -> Option<Expr> {
         match Expr::compile(src) {
             Ok(e) => {
+                for var in ["source", "auth", "llm"] {
+                    if e.references_variable(var) {
+                        self.vars_read.insert(var);
+                    }
+                }
                 match (e.fields_read("request"), self.request_fields.as_mut()) {
                     (Some(fields), Some(all)) => all.extend(fields),
                     (None, _) => self.request_fields = None,

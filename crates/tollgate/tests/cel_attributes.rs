@@ -1,4 +1,4 @@
-//! Every `request.*` attribute reaches CEL with its documented value, so a policy
+//! Every `request.*`, `source.*` and `llm.*` attribute reaches CEL with its documented value, so a policy
 //! written on any of them applies (the gateway builds only the fields some expression
 //! reads; this is what keeps that honest).
 
@@ -35,6 +35,8 @@ policies:
           - request.model == "m"
           - request.time >= {T0}
           - size(request.id) > 0
+          - source.address == "127.0.0.1" && source.port > 0
+          - llm.api == "chat" && !llm.stream && llm.model == "m"
         counters: ['request.headers["x-team"]']
 "#,
         up.addr

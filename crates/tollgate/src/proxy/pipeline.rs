@@ -597,14 +597,21 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
     }
     let mut a = Attrs::new();
     a.set("request", cel::map(request));
-    a.set(
-        "source",
-        cel::map([
-            ("address", cel::string(cx.source.to_string())),
-            ("port", cel::int(i64::from(cx.peer.port()))),
-        ]),
-    );
-    a.set("auth", cx.identity.to_cel());
+    if rt.cel_vars.contains("source") {
+        a.set(
+            "source",
+            cel::map([
+                ("address", cel::string(cx.source.to_string())),
+                ("port", cel::int(i64::from(cx.peer.port()))),
+            ]),
+        );
+    }
+    if rt.cel_vars.contains("auth") {
+        a.set("auth", cx.identity.to_cel());
+    }
+    if !rt.cel_vars.contains("llm") {
+        return a;
+    }
     let mut llm = Vec::new();
     if let Some(api) = cx.api {
         llm.push(("api", cel::string(api.as_str())));
