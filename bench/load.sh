@@ -13,8 +13,10 @@
 #   --install-nginx   apt-get install nginx when it is missing (adds the nginx row)
 #   --no-nginx        skip the nginx row even when nginx is installed
 #   --no-gateway      skip the tollgate row (to try the harness alone)
-#   --redis           add a row: the same gateway with its counters on Redis
-#                     (127.0.0.1:6379, a key prefix of its own)
+#   --redis           add a row: the same gateway with its counters on Redis (127.0.0.1:6379,
+#                     a key prefix of its own), a memory-vs-Redis comparison at a load both
+#                     hold, and the accuracy bench (admitted ÷ limit, one gateway and three
+#                     replicas on Redis)
 #   --jwt             add a row: JWT auth (the Gloo seed's token, cached verification)
 #                     and three token tiers (minute/hour/day) per `sub`
 #   --no-build        do not run cargo; use the release binaries already built
@@ -428,3 +430,14 @@ else
   done
 fi
 echo
+
+# With --redis: how exactly one budget holds across replicas (the accuracy bench: 50
+# concurrent clients against a 1,000-token budget, one gateway and three on Redis).
+if [[ $MODE == table && $USE_REDIS == 1 ]]; then
+  if [[ $BUILD == 1 ]]; then
+    echo "tokens admitted ÷ limit (cargo bench -p tollgate --bench accuracy):"
+    (cd "$ROOT" && cargo bench -q -p tollgate --bench accuracy 2>/dev/null) || log "accuracy bench failed"
+  else
+    log "--no-build: skipping the accuracy bench (cargo bench -p tollgate --bench accuracy)"
+  fi
+fi
