@@ -989,10 +989,21 @@ async fn manifests_reload_on_change_and_sighup() {
     let r = call.send(&gw).await;
     assert_eq!(r.status(), 200);
     assert_eq!(limit_tokens(&r), "1000");
+    // Other files in the folder do not wake the reloader.
+    std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(gw.status().await["last_reload"]["checks"], 0);
 
     rewrite(&original.replace("tokens: 1000", "tokens: 400"));
     let st = gw.wait_reloads(0).await;
     assert_eq!(st["last_reload"]["ok"], true, "{st}");
+    // Reading every manifest to reload is no change: it stays quiet afterwards.
+    let checks = st["last_reload"]["checks"].as_u64().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(
+        gw.status().await["last_reload"]["checks"].as_u64().unwrap(),
+        checks
+    );
     let r = call.send(&gw).await;
     assert_eq!(r.status(), 200);
     assert_eq!(limit_tokens(&r), "400");
@@ -1024,4 +1035,28 @@ async fn manifests_reload_on_change_and_sighup() {
     let r = call.send(&gw).await;
     assert_eq!(limit_tokens(&r), "500");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// agentgateway `local` limits convert to `scope: shared` (one budget for all replicas
+/// on Redis), printed so an operator can switch to `replica`, agentgateway's own
+/// per-replica meaning; the edited config loads, and in memory decides the same.
+#[tokio::test]
+async fn convert_prints_the_scope_of_agentgateway_limits() {
+    let up = Upstream::start().await;
+    let (ok, yaml, err) = convert(&agentgateway(&["token-budget.yaml"]), &[("llm", up.addr)]);
+    assert!(ok, "{err}");
+    assert!(yaml.contains("scope: shared"), "{yaml}");
+    let replica = yaml.replace("scope: shared", "scope: replica");
+    let gw = Gateway::start(&replica);
+    let cfg: Value = client()
+        .get(gw.admin_url("/admin/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(cfg.to_string().contains(r#""scope":"replica""#), "{cfg}");
+    let (spent, last, _) = drain(&gw, &seed_request("httpbun.example", false), 10).await;
+    assert!(spent >= 100 && spent - last < 100, "{spent}");
 }
