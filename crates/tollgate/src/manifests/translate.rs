@@ -868,6 +868,9 @@ impl<'a> Cx<'a> {
         }
     }
 
+    /// agentgateway `local` limits are per replica there; here they get the default
+    /// `scope: shared` (one budget across replicas on Redis), printed by `convert` so an
+    /// operator can choose `replica` (the README's differences list says why).
     fn agentgateway(&mut self) {
         for d in self
             .docs_of("agentgateway.dev", "AgentgatewayPolicy")
