@@ -433,6 +433,28 @@ mod tests {
                 0
             }
         }
+        // Behind the resilient store, as the gateway runs it: fail_open admits the shared
+        // part on its fallback, the replica part stays in the split store's own counters.
+        let open = SplitStore::new(
+            MemoryStore::new(60_000),
+            Arc::new(super::super::resilient::ResilientStore::new(
+                Arc::new(Away),
+                MemoryStore::new(60_000),
+                super::super::resilient::OnError::FailOpen,
+                10,
+            )),
+        );
+        let mixed = [op("r", true, 1, 1, 0), op("s", false, 5, 1, 0)];
+        let a = open.admit(T, &mixed, ReservationId(1), FAR).await.unwrap();
+        assert!(matches!(a, Admission::Admitted { .. }));
+        assert_eq!(value(open.local(), "r"), (1, 0));
+        // The replica counter refuses the next one; the fallback's take is rolled back.
+        let a = open.admit(T, &mixed, ReservationId(2), FAR).await.unwrap();
+        assert!(matches!(a, Admission::Refused(ref r) if r.blocking == [0]));
+        let views = open.inspect(T, &InspectFilter::default()).await.unwrap();
+        let s = views.iter().find(|v| v.id == "s").map(|v| v.value);
+        assert_eq!(s, Some(1), "{views:?}");
+
         let store = SplitStore::new(MemoryStore::new(60_000), Arc::new(Away));
         let replica = [op("r", true, 2, 1, 0)];
         for i in 0..2 {
