@@ -187,7 +187,8 @@ pub struct RedisStats {
     /// Settlements whose window was past its grace, and the units they carried.
     pub settlements_dropped: u64,
     pub units_dropped: u64,
-    /// Cluster admissions undone because another slot refused or failed.
+    /// Admissions undone (per slot): another cluster slot refused or failed, or a
+    /// [`Store::roll_back`] (the split store's replica side refused).
     pub rollbacks: u64,
     /// Rollbacks that could not be written (their holds expire at their deadline).
     pub rollbacks_failed: u64,
