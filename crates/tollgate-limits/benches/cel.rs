@@ -72,6 +72,7 @@ fn bench(c: &mut Criterion) {
         stream_cutoff: false,
         exact_prompt: false,
         pre_auth: false,
+        replica: false,
         limits: vec![limit("free", "free", 50), limit("gold", "gold", 200)],
     }];
     let split = Expr::compile(r#"auth.identity.groups.split(",").exists(g, g == "free")"#)

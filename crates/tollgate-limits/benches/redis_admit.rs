@@ -27,6 +27,7 @@ fn op(id: &str, need: Need, commit: u64, reserve: u64) -> CounterOp {
         need,
         commit,
         reserve,
+        replica: false,
     }
 }
 

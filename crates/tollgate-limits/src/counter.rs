@@ -111,4 +111,8 @@ pub struct CounterOp {
     pub commit: u64,
     /// Held at admission under the request's reservation id until settled or expired.
     pub reserve: u64,
+    /// Counted in this process only (a policy's `scope: replica`), even when the
+    /// configured store is shared (Redis). Only [`crate::store::split::SplitStore`]
+    /// reads it; every other store counts the op itself.
+    pub replica: bool,
 }

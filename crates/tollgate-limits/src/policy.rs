@@ -91,6 +91,8 @@ pub struct CompiledPolicy {
     pub exact_prompt: bool,
     /// Admitted before authentication (request policies only).
     pub pre_auth: bool,
+    /// `scope: replica`: counters live in this process even when the store is shared.
+    pub replica: bool,
     pub limits: Vec<CompiledLimit>,
 }
 
@@ -465,6 +467,7 @@ fn push_ops(
             need,
             commit,
             reserve,
+            replica: policy.replica,
         });
         out.origins.push(OpOrigin {
             policy: pi,
@@ -481,6 +484,7 @@ fn push_ops(
             need: Need::Fits,
             commit: 0,
             reserve: 1,
+            replica: policy.replica,
         });
         out.origins.push(OpOrigin {
             policy: pi,
@@ -541,6 +545,7 @@ mod tests {
             stream_cutoff: false,
             exact_prompt: false,
             pre_auth: false,
+            replica: false,
             limits: vec![limit("free", "free", 50), limit("gold", "gold", 200)],
         }]
     }

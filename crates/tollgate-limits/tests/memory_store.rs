@@ -25,6 +25,7 @@ fn fixed(id: &str, limit: u64, commit: u64, reserve: u64) -> CounterOp {
         need: Need::Fits,
         commit,
         reserve,
+        replica: false,
     }
 }
 

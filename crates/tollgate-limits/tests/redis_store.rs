@@ -271,6 +271,7 @@ fn fixed(id: &str, limit: u64, commit: u64, reserve: u64) -> CounterOp {
         need: Need::Fits,
         commit,
         reserve,
+        replica: false,
     }
 }
 
@@ -781,6 +782,9 @@ impl Store for Broken {
         Err(StoreError::Unavailable("broken".into()))
     }
     async fn sweep(&self, _: u64) -> Result<tollgate_limits::SweepStats, StoreError> {
+        Err(StoreError::Unavailable("broken".into()))
+    }
+    async fn roll_back(&self, _: u64, _: &[CounterOp], _: ReservationId) -> Result<(), StoreError> {
         Err(StoreError::Unavailable("broken".into()))
     }
     fn outstanding_reservations(&self) -> u64 {

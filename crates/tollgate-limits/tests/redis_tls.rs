@@ -152,6 +152,7 @@ fn op() -> CounterOp {
         need: Need::Fits,
         commit: 0,
         reserve: 10,
+        replica: false,
     }
 }
 

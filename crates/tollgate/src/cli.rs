@@ -350,7 +350,8 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
 }
 
 /// The counter store the config asks for: in-process memory, or Redis (single node or
-/// cluster) behind a local fallback that follows `storage.on_error`.
+/// cluster) behind a local fallback that follows `storage.on_error`, with the counters of
+/// `scope: replica` policies kept in process beside it.
 fn build_store(
     rt: &Runtime,
 ) -> anyhow::Result<(Arc<dyn tollgate_limits::Store>, crate::proxy::StoreHealth)> {
@@ -428,7 +429,10 @@ fn build_store(
                 }
             }
             });
-            Ok((resilient, health))
+            // `scope: replica` counters stay in this process, beside the shared ones.
+            let split =
+                tollgate_limits::store::split::SplitStore::new(MemoryStore::new(grace), resilient);
+            Ok((Arc::new(split), health))
         }
     }
 }
@@ -551,11 +555,13 @@ async fn serve(
     if let Some(j) = &gw.runtime.load().jwt {
         j.spawn_refresh();
     }
-    // Manifests are read once: reloading the native file alone would drop them.
-    match (&sources.config, sources.manifests.is_empty()) {
-        (Some(config), true) => crate::reload::spawn(gw.clone(), config.clone(), rx.clone()),
-        _ => tracing::info!("reading manifests: hot reload is off; restart to apply changes"),
-    }
+    // A reload reads every source again (manifests translated on top of the native file).
+    let source = crate::reload::Source {
+        config: sources.config.clone(),
+        manifests: sources.manifests.clone(),
+        build: Box::new(move || sources.build()),
+    };
+    crate::reload::spawn(gw.clone(), source, rx.clone());
     let proxy_task = tokio::spawn(crate::proxy::serve(proxy_l, gw.clone(), rx));
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");

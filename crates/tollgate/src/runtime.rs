@@ -678,6 +678,7 @@ impl Runtime {
                 stream_cutoff: pc.stream_cutoff,
                 exact_prompt: pc.prompt_estimate == crate::config::PromptEstimateConfig::Exact,
                 pre_auth: pc.phase == crate::config::PhaseConfig::PreAuth,
+                replica: pc.scope == crate::config::ScopeConfig::Replica,
                 limits,
             };
             match composition {

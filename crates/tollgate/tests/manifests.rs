@@ -956,3 +956,107 @@ fn validate_reads_manifests() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Hot reload of manifests: a manifest folder is watched; editing a limit in one of its
+/// files re-translates and swaps the runtime (no restart, spend kept); a broken
+/// manifest is refused and the old config keeps serving; SIGHUP reloads too.
+#[tokio::test]
+async fn manifests_reload_on_change_and_sighup() {
+    let up = Upstream::start().await;
+    let dir =
+        std::env::temp_dir().join(format!("tollgate-manifests-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["before-you-begin.yaml", "combined-limit.yaml"] {
+        std::fs::copy(fixture(&format!("agentgateway/{f}")), dir.join(f)).unwrap();
+    }
+    let limits = dir.join("combined-limit.yaml");
+    let original = std::fs::read_to_string(&limits).unwrap();
+    assert!(original.contains("tokens: 1000"));
+    // As editors and ConfigMaps do: write aside (not a manifest name), rename.
+    let rewrite = |text: &str| {
+        let tmp = dir.join("combined-limit.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &limits).unwrap();
+    };
+    let gw = start(std::slice::from_ref(&dir), &[("llm", up.addr)]);
+    let call = Call::chat(Some("openai.example"), None, "gpt-4", 2);
+    let limit_tokens = |r: &reqwest::Response| {
+        r.headers()["x-ratelimit-limit-tokens"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let r = call.send(&gw).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(limit_tokens(&r), "1000");
+    // Other files in the folder do not wake the reloader.
+    std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(gw.status().await["last_reload"]["checks"], 0);
+
+    rewrite(&original.replace("tokens: 1000", "tokens: 400"));
+    let st = gw.wait_reloads(0).await;
+    assert_eq!(st["last_reload"]["ok"], true, "{st}");
+    // Reading every manifest to reload is no change: it stays quiet afterwards.
+    let checks = st["last_reload"]["checks"].as_u64().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(
+        gw.status().await["last_reload"]["checks"].as_u64().unwrap(),
+        checks
+    );
+    let r = call.send(&gw).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(limit_tokens(&r), "400");
+    let remaining: u64 = r.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining < 400,
+        "the spend before the reload was kept: {remaining}"
+    );
+
+    // A broken manifest is refused, named; the old config keeps serving.
+    rewrite(&original.replace("tokens: 1000", "tokens: lots"));
+    let st = gw.wait_reloads(1).await;
+    assert_eq!(st["last_reload"]["ok"], false, "{st}");
+    let error = st["last_reload"]["error"].as_str().unwrap();
+    assert!(error.contains("combined-limit.yaml"), "{error}");
+    let r = call.send(&gw).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(limit_tokens(&r), "400");
+
+    // Fixed in place, and SIGHUP.
+    std::fs::write(&limits, original.replace("tokens: 1000", "tokens: 500")).unwrap();
+    gw.signal("HUP");
+    let st = gw.wait_reloads(2).await;
+    assert_eq!(st["last_reload"]["ok"], true, "{st}");
+    let r = call.send(&gw).await;
+    assert_eq!(limit_tokens(&r), "500");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// agentgateway `local` limits convert to `scope: shared` (one budget for all replicas
+/// on Redis), printed so an operator can switch to `replica`, agentgateway's own
+/// per-replica meaning; the edited config loads, and in memory decides the same.
+#[tokio::test]
+async fn convert_prints_the_scope_of_agentgateway_limits() {
+    let up = Upstream::start().await;
+    let (ok, yaml, err) = convert(&agentgateway(&["token-budget.yaml"]), &[("llm", up.addr)]);
+    assert!(ok, "{err}");
+    assert!(yaml.contains("scope: shared"), "{yaml}");
+    let replica = yaml.replace("scope: shared", "scope: replica");
+    let gw = Gateway::start(&replica);
+    let cfg: Value = client()
+        .get(gw.admin_url("/admin/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(cfg.to_string().contains(r#""scope":"replica""#), "{cfg}");
+    let (spent, last, _) = drain(&gw, &seed_request("httpbun.example", false), 10).await;
+    assert!(spent >= 100 && spent - last < 100, "{spent}");
+}

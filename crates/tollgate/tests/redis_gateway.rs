@@ -350,3 +350,83 @@ async fn redis_outage_fail_open_fail_closed_recovery_and_deferred_settlement() {
     assert!(written >= 40, "{written}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `scope: replica` on Redis: two gateway processes on one Redis. A replica-scoped limit
+/// counts per process, a shared one across both, and a request refused by its replica
+/// counter takes nothing from the shared ones (the gateway-wide ceiling counts exactly
+/// the admitted requests).
+#[tokio::test]
+async fn replica_scope_is_per_process_shared_is_global() {
+    let up = Upstream::start().await;
+    let p = prefix("scope");
+    let t0 = near_now();
+    let cfg = format!(
+        r#"
+storage:
+  kind: redis
+  redis: {{ url: "redis://127.0.0.1:6379", key_prefix: {p}, timeout: 500ms }}
+  on_error: fail_closed
+backends:
+  - name: up
+    url: http://{up}
+routes:
+  - name: shared
+    hostnames: [shared.test]
+    match: {{ path_prefix: /v1 }}
+    backend: up
+    auth: none
+  - name: replica
+    hostnames: [replica.test]
+    match: {{ path_prefix: /v1 }}
+    backend: up
+    auth: none
+policies:
+  - name: ceiling
+    kind: RateLimitPolicy
+    limits:
+      n: {{ rates: [{{ limit: 100, window: 1h }}] }}
+  - name: global
+    kind: RateLimitPolicy
+    target: {{ route: shared }}
+    limits:
+      n: {{ rates: [{{ limit: 3, window: 1h }}] }}
+  - name: local
+    kind: RateLimitPolicy
+    scope: replica
+    target: {{ route: replica }}
+    limits:
+      n: {{ rates: [{{ limit: 2, window: 1h }}] }}
+logging:
+  access_log: false
+"#,
+        up = up.addr
+    );
+    let a = Gateway::start_at(&cfg, &[], t0);
+    let b = Gateway::start_at(&cfg, &[], t0);
+    let send = |gw: &Gateway, host: &'static str| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("host", host)
+            .json(&chat(1))
+            .send()
+    };
+    let status = |r: reqwest::Result<reqwest::Response>| r.unwrap().status().as_u16();
+    // Shared: three in all, whichever gateway takes them.
+    for _ in 0..3 {
+        assert_eq!(status(send(&a, "shared.test").await), 200);
+    }
+    assert_eq!(status(send(&b, "shared.test").await), 429);
+    // Replica: two per gateway process.
+    for gw in [&a, &b] {
+        for _ in 0..2 {
+            assert_eq!(status(send(gw, "replica.test").await), 200);
+        }
+        assert_eq!(status(send(gw, "replica.test").await), 429);
+    }
+    for gw in [&a, &b] {
+        assert_eq!(gw.counter_value("local/n/3600000", None).await, Some(2));
+        assert_eq!(gw.counter_value("global/n/3600000", None).await, Some(3));
+        // 3 + 2 + 2 admitted; the three refusals took nothing from the ceiling.
+        assert_eq!(gw.counter_value("ceiling/n/3600000", None).await, Some(7));
+    }
+}

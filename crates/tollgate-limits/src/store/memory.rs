@@ -123,6 +123,35 @@ impl MemoryStore {
         reservation: ReservationId,
         deadline: Millis,
     ) -> Result<Admission, StoreError> {
+        self.decide(now, ops, Some((reservation, deadline)))
+    }
+
+    /// What [`Self::admit_sync`] would answer at `now`, taking nothing (the split store
+    /// reads its local counters this way when the shared side already refused).
+    pub fn check_sync(&self, now: Millis, ops: &[CounterOp]) -> Result<Admission, StoreError> {
+        self.decide(now, ops, None)
+    }
+
+    /// [`Store::roll_back`] without the future.
+    pub fn roll_back_sync(&self, now: Millis, ops: &[CounterOp], reservation: ReservationId) {
+        let grace = self.settle_grace_ms;
+        for op in ops {
+            let mut guard = self.lock(self.shard_index(&op.id));
+            if let Some(entry) = guard.as_deref_mut().and_then(|map| map.get_mut(&op.id)) {
+                entry.advance(now, grace, &self.tallies);
+                entry.release(reservation, &self.tallies);
+                entry.untake(now, op);
+            }
+        }
+    }
+
+    /// Check every op; with `take`, apply them all when all pass.
+    fn decide(
+        &self,
+        now: Millis,
+        ops: &[CounterOp],
+        take: Option<(ReservationId, Millis)>,
+    ) -> Result<Admission, StoreError> {
         let op_shards: Vec<usize> = ops.iter().map(|op| self.shard_index(&op.id)).collect();
         let mut guards = self.lock_in_order(&op_shards);
         let grace = self.settle_grace_ms;
@@ -176,6 +205,9 @@ impl MemoryStore {
             }));
         }
 
+        let Some((reservation, deadline)) = take else {
+            return Ok(Admission::Admitted { snapshots });
+        };
         // Phase 2: everything passed; take it all under the same locks.
         for (op, shard) in ops.iter().zip(&op_shards) {
             let map = find_guard(&mut guards, *shard)?;
@@ -402,6 +434,16 @@ impl Store for MemoryStore {
         Ok(self.sweep_sync(now))
     }
 
+    async fn roll_back(
+        &self,
+        now: Millis,
+        ops: &[CounterOp],
+        reservation: ReservationId,
+    ) -> Result<(), StoreError> {
+        self.roll_back_sync(now, ops, reservation);
+        Ok(())
+    }
+
     fn outstanding_reservations(&self) -> u64 {
         self.tallies.outstanding.load(Ordering::Relaxed)
     }
@@ -494,6 +536,13 @@ impl Bucket {
         self.deficit = self
             .deficit
             .saturating_add(tokens.saturating_mul(self.per_ms));
+    }
+
+    /// Give back what `consume` took (a rolled-back admission).
+    fn refund(&mut self, tokens: u64) {
+        self.deficit = self
+            .deficit
+            .saturating_sub(tokens.saturating_mul(self.per_ms));
     }
 
     /// Milliseconds until at most `tokens` are missing (`None`: it never refills).
@@ -819,6 +868,24 @@ impl Entry {
             tallies.outstanding.fetch_add(1, Ordering::Relaxed);
         }
         self.next_deadline = self.next_deadline.min(deadline);
+    }
+
+    /// Take back what `take` added to the value at `now` (the commit): the hold is
+    /// released separately. A concurrency counter's commit was held, not spent.
+    fn untake(&mut self, now: Millis, op: &CounterOp) {
+        if op.commit == 0 {
+            return;
+        }
+        match (&mut self.meter, op.rate) {
+            (Meter::Fixed { windows, .. }, Rate::Fixed { window, .. }) => {
+                let start = window.start(now);
+                if let Some(w) = windows.iter_mut().find(|w| w.start == start) {
+                    w.value = w.value.saturating_sub(op.commit);
+                }
+            }
+            (Meter::Bucket(b), _) => b.refund(op.commit),
+            _ => {}
+        }
     }
 
     /// Release this request's hold, if it is still there.

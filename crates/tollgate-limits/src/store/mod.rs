@@ -1,6 +1,7 @@
 //! The store: where counters live. Memory and Redis implement the same [`Store`] trait,
 //! and one test suite (`store::suite`) runs against every implementation.
-//! [`resilient::ResilientStore`] wraps Redis with a local memory fallback.
+//! [`resilient::ResilientStore`] wraps Redis with a local memory fallback;
+//! [`split::SplitStore`] keeps `scope: replica` counters in process beside a shared store.
 //!
 //! Contract:
 //! - `admit` checks every op and, only if all pass, applies them all (commit added to the
@@ -32,6 +33,7 @@
 pub mod memory;
 pub mod redis;
 pub mod resilient;
+pub mod split;
 #[cfg(any(test, feature = "test-suite"))]
 pub mod suite;
 
@@ -158,6 +160,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forget every window of one counter. Returns how many windows were removed.
     async fn reset(&self, id: &CounterId) -> Result<u64, StoreError>;
+
+    /// Undo an admission this store made of `ops` under `reservation` at `now` (the
+    /// same `now` as the admission): release its holds and take back its commits.
+    /// Compensation, for when the same request was refused or failed elsewhere (the
+    /// split store's other side). Best effort on a remote store: what cannot be undone
+    /// is released at the reservation's deadline (holds) or stays counted (commits).
+    async fn roll_back(
+        &self,
+        now: Millis,
+        ops: &[CounterOp],
+        reservation: ReservationId,
+    ) -> Result<(), StoreError>;
 
     /// Release expired reservations and reclaim windows past their grace.
     async fn sweep(&self, now: Millis) -> Result<SweepStats, StoreError>;

@@ -187,7 +187,8 @@ pub struct RedisStats {
     /// Settlements whose window was past its grace, and the units they carried.
     pub settlements_dropped: u64,
     pub units_dropped: u64,
-    /// Cluster admissions undone because another slot refused or failed.
+    /// Admissions undone (per slot): another cluster slot refused or failed, or a
+    /// [`Store::roll_back`] (the split store's replica side refused).
     pub rollbacks: u64,
     /// Rollbacks that could not be written (their holds expire at their deadline).
     pub rollbacks_failed: u64,
@@ -449,14 +450,15 @@ impl RedisStore {
         join_all(calls).await
     }
 
-    /// Undo the admissions of the groups that admitted (cluster compensation).
-    async fn roll_back(
+    /// Undo the admissions of the groups that admitted (cluster compensation, and
+    /// [`Store::roll_back`]). Failures are counted and logged; the first is returned.
+    async fn compensate(
         &self,
         conn: &Conn,
         plans: &[OpPlan],
         groups: &[&Vec<usize>],
         reservation: ReservationId,
-    ) {
+    ) -> Result<(), StoreError> {
         let invocations = groups
             .iter()
             .map(|members| {
@@ -471,15 +473,18 @@ impl RedisStore {
                 inv
             })
             .collect();
+        let mut failure = None;
         for result in self.run_all::<i64>(conn, invocations).await {
             self.tallies.rollbacks.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = result {
                 self.tallies
                     .rollbacks_failed
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "redis store: cluster rollback failed; holds expire at their deadline, commits stay counted");
+                tracing::warn!(error = %e, "redis store: rollback failed; holds expire at their deadline, commits stay counted");
+                failure.get_or_insert(e);
             }
         }
+        failure.map_or(Ok(()), Err)
     }
 
     /// Every key matching `pattern` of `kind` (`hash`, `zset`): on a cluster, every
@@ -1009,7 +1014,9 @@ impl Store for RedisStore {
             }
         }
         if !all_admitted && !admitted_groups.is_empty() {
-            self.roll_back(&conn, &plans, &admitted_groups, reservation)
+            // Failures are counted and logged inside; the refusal or error stands.
+            let _ = self
+                .compensate(&conn, &plans, &admitted_groups, reservation)
                 .await;
         }
         if let Some(e) = failure {
@@ -1137,6 +1144,46 @@ impl Store for RedisStore {
             .store(book.live.len() as u64, Ordering::Relaxed);
         drop(book);
         failure.map_or(Ok(()), Err)
+    }
+
+    async fn roll_back(
+        &self,
+        now: Millis,
+        ops: &[CounterOp],
+        reservation: ReservationId,
+    ) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let plans: Vec<OpPlan> = ops
+            .iter()
+            .map(|op| {
+                let (window_start, window_end) = match op.rate {
+                    Rate::Fixed { window, .. } => (window.start(now), window.end(now)),
+                    _ => (0, 0),
+                };
+                OpPlan {
+                    keys: self.keys.for_op(op, window_start),
+                    ty: type_code(&op.rate),
+                    window_start,
+                    window_end,
+                    commit: exact(op.commit),
+                    held: 0,
+                }
+            })
+            .collect();
+        let keys: Vec<CounterKeys> = plans.iter().map(|p| p.keys.clone()).collect();
+        let groups = self.group(&keys);
+        let conn = self.conn().await?;
+        let all: Vec<&Vec<usize>> = groups.iter().collect();
+        let result = self.compensate(&conn, &plans, &all, reservation).await;
+        let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in &plans {
+            book.remove(reservation.0, &p.keys.state);
+        }
+        self.outstanding
+            .store(book.live.len() as u64, Ordering::Relaxed);
+        result
     }
 
     async fn inspect(

@@ -479,6 +479,34 @@ impl Store for ResilientStore {
         }
     }
 
+    /// Undoes on whichever store admitted (the local one: the ops it remembers).
+    async fn roll_back(
+        &self,
+        now: Millis,
+        ops: &[CounterOp],
+        reservation: ReservationId,
+    ) -> Result<(), StoreError> {
+        let (local, remote): (Vec<CounterOp>, Vec<CounterOp>) = {
+            let mut admitted_here = lock(&self.local_admissions);
+            // Per counter, once: the same counter may be named twice in one admission.
+            let mut here: Vec<&CounterId> = Vec::new();
+            for op in ops {
+                if admitted_here.take(reservation, &op.id) {
+                    here.push(&op.id);
+                }
+            }
+            ops.iter().cloned().partition(|op| here.contains(&&op.id))
+        };
+        if !local.is_empty() {
+            self.local.roll_back_sync(now, &local, reservation);
+        }
+        if remote.is_empty() {
+            return Ok(());
+        }
+        self.primary(now, self.primary.roll_back(now, &remote, reservation))
+            .await
+    }
+
     /// Flushes deferred settlements, then sweeps both stores.
     async fn sweep(&self, now: Millis) -> Result<SweepStats, StoreError> {
         if let Err(e) = self.flush_deferred(now).await {
@@ -534,6 +562,7 @@ mod tests {
                 need: Need::Fits,
                 commit: 0,
                 reserve: 0,
+                replica: false,
             },
             window_start: 0,
             reservation: ReservationId(r),

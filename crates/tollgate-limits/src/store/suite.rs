@@ -78,6 +78,7 @@ macro_rules! store_suite {
                 expired_reservation_releases_capacity,
                 settling_an_expired_reservation_charges_actual,
                 outstanding_gauge_returns_to_base,
+                roll_back_undoes_an_admission,
                 retry_after_fixed_window,
                 retry_after_is_none_when_it_never_fits,
                 retry_after_is_max_over_blocking_counters,
@@ -135,6 +136,7 @@ fn fixed(id: &CounterId, limit: u64, need: Need, commit: u64, reserve: u64) -> C
         need,
         commit,
         reserve,
+        replica: false,
     }
 }
 
@@ -164,6 +166,7 @@ fn bucket(
         need: Need::Fits,
         commit,
         reserve,
+        replica: false,
     }
 }
 
@@ -175,6 +178,7 @@ fn in_flight(id: &CounterId, limit: u64) -> CounterOp {
         need: Need::Fits,
         commit: 0,
         reserve: 1,
+        replica: false,
     }
 }
 
@@ -596,6 +600,40 @@ pub async fn outstanding_gauge_returns_to_base(store: Arc<dyn Store>, prefix: &s
     assert_eq!(store.outstanding_reservations(), before);
     let user = probe(store, t + 10, &user).await?;
     assert_eq!((user.value, user.reserved), (200, 0));
+    Ok(())
+}
+
+/// Compensation: an admission rolled back leaves every counter as it was (commits taken
+/// back, holds released, the gauge at its base), and other requests' spend is kept.
+pub async fn roll_back_undoes_an_admission(store: Arc<dyn Store>, prefix: &str) -> Outcome {
+    let store = &*store;
+    let t = epoch() + 2_000;
+    let before = store.outstanding_reservations();
+    let requests = fixed(&id(prefix, "requests"), 2, Need::Fits, 1, 0);
+    let tokens = fixed(&id(prefix, "tokens"), 100, Need::Fits, 0, 60);
+    let burst = bucket(&id(prefix, "bucket"), 1, MINUTE, 1, 2, 0);
+    let conc = in_flight(&id(prefix, "inflight"), 1);
+    let ops = [
+        requests.clone(),
+        tokens.clone(),
+        burst.clone(),
+        conc.clone(),
+    ];
+    // Someone else's spend, which must survive the rollback.
+    take(store, t, &requests, FAR).await?;
+    let reservation = rid();
+    admitted(admit(store, t, &ops, reservation, FAR).await?);
+    assert_eq!(store.outstanding_reservations(), before + 2);
+    store.roll_back(t, &ops, reservation).await?;
+    assert_eq!(store.outstanding_reservations(), before);
+    let r = probe(store, t, &requests).await?;
+    assert_eq!((r.value, r.reserved), (1, 0));
+    let k = probe(store, t, &tokens).await?;
+    assert_eq!((k.value, k.reserved), (0, 0));
+    assert_eq!(probe(store, t, &burst).await?.value, 0);
+    assert_eq!(probe(store, t, &conc).await?.reserved, 0);
+    // Everything it took is free again: the same request fits.
+    admitted(admit(store, t, &ops, rid(), FAR).await?);
     Ok(())
 }
 

@@ -564,6 +564,10 @@ pub struct PolicyConfig {
     /// `source.address`), so floods of bad credentials never reach key or JWT checks.
     #[serde(default)]
     pub phase: PhaseConfig,
+    /// Where this policy's counters live: `shared` (the configured store, default) or
+    /// `replica` (this process only, even when the store is Redis).
+    #[serde(default)]
+    pub scope: ScopeConfig,
     /// Predicates that must all hold for any limit of this policy to apply.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub when: Vec<String>,
@@ -600,6 +604,17 @@ pub struct ComposedLimitsConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub when: Vec<String>,
     pub limits: BTreeMap<String, LimitConfig>,
+}
+
+/// Where a policy's counters live.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeConfig {
+    /// The configured store: with Redis, one count for every replica.
+    #[default]
+    Shared,
+    /// This process only (agentgateway's `local` meaning), whatever the store.
+    Replica,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -847,6 +847,7 @@ impl<'a> Cx<'a> {
                 stream_cutoff: false,
                 prompt_estimate: Default::default(),
                 phase: Default::default(),
+                scope: Default::default(),
                 when: spec.when.into_iter().map(|p| p.predicate).collect(),
                 limits: BTreeMap::new(),
                 defaults,
@@ -867,6 +868,9 @@ impl<'a> Cx<'a> {
         }
     }
 
+    /// agentgateway `local` limits are per replica there; here they get the default
+    /// `scope: shared` (one budget across replicas on Redis), printed by `convert` so an
+    /// operator can choose `replica` (the README's differences list says why).
     fn agentgateway(&mut self) {
         for d in self
             .docs_of("agentgateway.dev", "AgentgatewayPolicy")
@@ -1303,6 +1307,7 @@ fn independent(
         stream_cutoff: false,
         prompt_estimate: Default::default(),
         phase: Default::default(),
+        scope: Default::default(),
         when: Vec::new(),
         limits,
         defaults: None,

@@ -174,6 +174,7 @@ mod tests {
             need: Need::Fits,
             commit: 0,
             reserve: 0,
+            replica: false,
         }
     }
 
