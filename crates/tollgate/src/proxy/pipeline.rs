@@ -781,6 +781,8 @@ async fn admit(
             started: cx.started,
             status: 0,
             estimated: false,
+            sent_upstream: false,
+            done: false,
         },
         headers: hdrs,
         cutoff,
@@ -861,6 +863,7 @@ where
                     None => Bytes::new(),
                 },
             };
+            settle.sent_upstream = true;
             let resp = sim
                 .handle(&parts.method, &cx.path, &up_headers, bytes)
                 .await;
@@ -906,6 +909,7 @@ where
             *req.uri_mut() = uri;
             *req.headers_mut() = up_headers;
             let timeout = rt.limits.upstream_response_timeout;
+            settle.sent_upstream = true;
             match tokio::time::timeout(timeout, gw.client.send(req)).await {
                 Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_millis() as u64)),
                 Ok(Err(e)) => Err(GatewayError::UpstreamConnect(describe_client_error(&e))),
