@@ -12,7 +12,8 @@
 # crash artifacts stay there too (corpus/<target>, artifacts/<target>). Seeds: fuzz/seeds,
 # the captured upstream responses in ../shared/corpus when present, examples/*.yaml.
 # A crash fails the script and prints the input; reproduce with
-#   cargo fuzz run --sanitizer none --fuzz-dir fuzz --target-dir target/fuzz TARGET FILE
+#   cargo fuzz run --sanitizer none -O -a --codegen-units 16 --fuzz-dir fuzz \
+#     --target-dir target/fuzz TARGET FILE
 # and turn it into a regression test in the crate's own suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,12 +34,15 @@ fi
 # cargo fuzz has no --locked: refuse a lock file that would have to change.
 cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 
+# Optimised, with debug assertions and overflow checks on (an overflow is a crash too);
+# 16 codegen units keep a cold build within a few minutes on two cores.
 fuzz() {
-  cargo fuzz "$1" --sanitizer none --fuzz-dir fuzz --target-dir "$target_dir" "${@:2}"
+  cargo fuzz "$1" --sanitizer none --fuzz-dir fuzz --target-dir "$target_dir" \
+    -O --debug-assertions --codegen-units 16 "${@:2}"
 }
 
 echo "== building fuzz targets (stable, --sanitizer none)"
-fuzz build -O
+fuzz build
 
 # Seeds: each target's input starts with a mode byte (API and options, see the target).
 seeds="$work/seeds"
@@ -85,7 +89,7 @@ for t in "${targets[@]}"; do
   artifacts="$work/artifacts/$t/"
   mkdir -p "$corpus" "$artifacts"
   echo "== fuzz $t for ${per}s"
-  if ! fuzz run -O "$t" "$corpus" "$seeds/$t" -- \
+  if ! fuzz run "$t" "$corpus" "$seeds/$t" -- \
       -max_total_time="$per" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
       -artifact_prefix="$artifacts" -print_final_stats=1 >"$work/$t.log" 2>&1; then
     status=1

@@ -112,3 +112,52 @@ async fn short_soak_books_balance_exactly() {
     }
     assert_eq!(a.failed_calls, 0, "{}", a.render());
 }
+
+/// Found by the audit: a client that left before the response head left its reservation
+/// held until the deadline and the call unlogged. It is now settled at once: charged the
+/// prompt estimate (the request reached the upstream), logged with status 499.
+#[tokio::test]
+async fn client_leaving_before_the_answer_is_settled_at_once() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(up.addr));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth("soak-k1")
+        .header("x-sim-latency-ms", "2000")
+        .header("x-request-id", "leaves-early")
+        .json(&chat_body(40))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client should have given up");
+
+    // Settlement follows the client's going (bounded wait, no fixed sleep).
+    let mut line = None;
+    for _ in 0..250 {
+        line = audit::access_lines(&gw.logs())
+            .into_iter()
+            .find(|l| l.id == "leaves-early");
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = line.expect("no access line for a client that left");
+    assert_eq!(line.status, 499);
+    assert!(line.estimated);
+    assert!(line.charged > 0 && line.output_tokens == 0, "{line:?}");
+    assert_eq!(
+        probe::outstanding_when_idle(gw.admin, None).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        probe::counters_total(gw.admin, "soak/all/", None)
+            .await
+            .unwrap(),
+        line.charged
+    );
+    assert_eq!(up.served(), 1, "the request did reach the upstream");
+}
