@@ -13,7 +13,8 @@
 # against what the simulator reported (must be equal), estimates listed apart, counters
 # against the access log. Exits non-zero when the audit fails.
 #
-# Environment: CARGO_TARGET_DIR (binaries) [<repo>/target], KEEP=1 keeps the logs.
+# Environment: CARGO_TARGET_DIR (binaries) [<repo>/target], KEEP=1 keeps the logs (kept
+# anyway when the audit fails).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
@@ -114,6 +115,10 @@ GW_PID=$!
 PIDS+=($GW_PID)
 wait_http "http://127.0.0.1:$ADMIN_PORT/healthz" tollgate "$TMP/tollgate.log"
 
+rc=0
 "$BIN/tollgate-soak" --proxy "127.0.0.1:$GW_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
   --keys soak-key-1,soak-key-2,soak-key-3,soak-key-4 --duration "$DURATION" \
-  --gateway-pid "$GW_PID" --gateway-log "$TMP/tollgate.log" "${ARGS[@]}"
+  --gateway-pid "$GW_PID" --gateway-log "$TMP/tollgate.log" "${ARGS[@]}" || rc=$?
+# A failed audit keeps the gateway's log (every access line) for the post-mortem.
+[[ $rc == 0 ]] || KEEP=1
+exit $rc
