@@ -16,8 +16,9 @@
 //! - refused calls and upstream errors without usage are charged nothing;
 //! - estimates (faults that lose the usage, clients that left) are listed apart, next to
 //!   what the upstream would have reported;
-//! - every call has exactly one access line; the counters hold exactly the sum of what the
-//!   access log says was charged; no reservation is left outstanding.
+//! - every call has exactly one access line (except calls whose client gave up before any
+//!   answer, which the gateway may never have read); the counters hold exactly the sum of
+//!   what the access log says was charged; no reservation is left outstanding.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -78,6 +79,9 @@ pub struct Audit {
     pub uncharged_calls: u64,
     /// Calls the client could not complete (transport errors).
     pub failed_calls: u64,
+    /// Calls whose client gave up before any answer and that left no access line: the
+    /// gateway never got to them.
+    pub never_read: u64,
     pub charged_total: u64,
     pub counters_total: u64,
     pub outstanding: u64,
@@ -120,6 +124,11 @@ impl Audit {
         let _ = writeln!(s, "  client transport failures: {}", self.failed_calls);
         let _ = writeln!(
             s,
+            "  clients gone before the gateway read their call (no access line): {}",
+            self.never_read
+        );
+        let _ = writeln!(
+            s,
             "  counters hold {} tokens, access log charged {} [{}]",
             self.counters_total,
             self.charged_total,
@@ -155,12 +164,20 @@ pub fn audit(calls: &[Call], log: &str, counters_total: u64, outstanding: u64) -
     }
     for call in calls {
         let Some(found) = lines.remove(&call.id) else {
-            if matches!(call.end, CallEnd::Failed(_)) {
-                // It may never have reached the gateway.
-                a.failed_calls += 1;
-                a.uncharged_calls += 1;
-            } else {
-                a.problems.push(format!("{}: no access line", call.id));
+            // A call that failed, or whose client gave up before any answer, may never
+            // have been read by the gateway (under load the client can be gone first):
+            // no line, and nothing charged, which the counters-against-log check below
+            // would catch.
+            match call.end {
+                CallEnd::Failed(_) => {
+                    a.failed_calls += 1;
+                    a.uncharged_calls += 1;
+                }
+                CallEnd::Left(None) => {
+                    a.never_read += 1;
+                    a.uncharged_calls += 1;
+                }
+                _ => a.problems.push(format!("{}: no access line", call.id)),
             }
             continue;
         };
