@@ -17,9 +17,16 @@
 //!   With `--stream`, time to the first body byte and total time are recorded separately.
 //! * [`report`]: the single JSON line printed at the end.
 //!
+//! `tollgate-soak` (see [`soak`], [`audit`], [`probe`]): long mixed traffic with upstream
+//! faults and clients leaving, then an audit of the gateway's books against the
+//! simulator's deterministic usage.
+//!
 //! Transport failures never panic: they are counted per kind, the connection is dropped and
 //! the worker reconnects.
 
+pub mod audit;
 pub mod cli;
+pub mod probe;
 pub mod report;
 pub mod run;
+pub mod soak;

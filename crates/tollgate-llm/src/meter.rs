@@ -346,7 +346,8 @@ impl StreamMeter {
 
     /// Whether the bytes forwarded so far end exactly on an event boundary, so that
     /// [`StreamMeter::cutoff_events`] can be appended. Always true with
-    /// `align_to_events`; otherwise only between events.
+    /// `align_to_events`, except while an event over `max_event_bytes` passes through
+    /// (it is too big to hold); otherwise only between events.
     pub fn at_event_boundary(&self) -> bool {
         match self.scanner.pending_event_start() {
             None => true,

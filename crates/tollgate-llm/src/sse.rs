@@ -273,6 +273,12 @@ impl SseScanner {
         open_cr: bool,
         on_event: &mut impl FnMut(SseEvent<'_>),
     ) {
+        // The same bound as a line split across chunks, so that chunking never changes
+        // which events are reported (found by fuzzing: a long non-`data` line).
+        if line.len() > self.max_event_bytes {
+            self.overflowed_line();
+            return;
+        }
         if self.line_start == 0 {
             line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
         }
@@ -516,6 +522,21 @@ mod tests {
         assert!(seen[0].oversized);
         assert_eq!(seen[0].range, 0..100_008);
         assert_eq!(seen[1].data, b"ok");
+    }
+
+    /// Fuzzing found this: a line over the bound that is not `data` (here a mistyped
+    /// field) made the event oversized only when the line arrived split across chunks.
+    #[test]
+    fn long_non_data_line_is_oversized_whatever_the_chunking() {
+        let input = b"event: done\nditata: {\"usage\": 1234567890}\n\ndata: ok\n\n";
+        let whole = scan_chunks(&[input], 24);
+        let bytewise: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(scan_chunks(&bytewise, 24), whole);
+        assert_eq!(whole.len(), 2);
+        assert!(whole[0].oversized);
+        assert_eq!(whole[0].event.as_deref(), Some(&b"done"[..]));
+        assert_eq!(whole[0].range, 0..43);
+        assert_eq!(whole[1].data, b"ok");
     }
 
     #[test]

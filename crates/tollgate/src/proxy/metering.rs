@@ -73,6 +73,39 @@ pub struct Settle {
     pub started: Instant,
     pub status: u16,
     pub estimated: bool,
+    /// The request went to the upstream: from here on, a call dropped before its response
+    /// (the client left) has cost the prompt at least.
+    pub sent_upstream: bool,
+    /// Charged (or released) already; `Drop` settles a call nobody settled.
+    pub done: bool,
+}
+
+/// Status logged for a call whose client left before the response (nginx's 499).
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+impl Drop for Settle {
+    /// A call dropped before its response (the client left while the upstream was still
+    /// answering, so the pipeline future was cancelled) is settled here: charged the
+    /// prompt estimate if the request had gone upstream, else released. Without this its
+    /// reservation would be held until the deadline and the call never logged.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if !self.sent_upstream {
+            self.release_now();
+            return;
+        }
+        self.status = CLIENT_CLOSED_REQUEST;
+        self.estimated = true;
+        let input = self.estimate.input_tokens;
+        let est = TokenFigures {
+            input_tokens: input,
+            total_tokens: input,
+            ..Default::default()
+        };
+        self.charge(Some(est), true, "client_gone");
+    }
 }
 
 impl Settle {
@@ -133,6 +166,7 @@ impl Settle {
 
     /// Charge `usage` (None = nothing) on every token counter and release reservations.
     fn charge(&mut self, usage: Option<TokenFigures>, estimated: bool, end: &'static str) {
+        self.done = true;
         let now = self.gw.clock.now_ms();
         let mut settlements = Vec::with_capacity(self.ops.len());
         let mut charged = 0u64;

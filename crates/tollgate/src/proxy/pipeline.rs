@@ -897,6 +897,8 @@ async fn admit(
             started: cx.started,
             status: 0,
             estimated: false,
+            sent_upstream: false,
+            done: false,
         },
         headers: hdrs,
         cutoff,
@@ -977,6 +979,7 @@ where
                     None => Bytes::new(),
                 },
             };
+            settle.sent_upstream = true;
             let resp = sim
                 .handle(&parts.method, &cx.path, &up_headers, bytes)
                 .await;
@@ -1022,6 +1025,7 @@ where
             *req.uri_mut() = uri;
             *req.headers_mut() = up_headers;
             let timeout = rt.limits.upstream_response_timeout;
+            settle.sent_upstream = true;
             let client = backend.client.as_ref().unwrap_or(&gw.client);
             match tokio::time::timeout(timeout, client.send(req)).await {
                 Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_millis() as u64)),

@@ -20,6 +20,8 @@ pub struct Gateway {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub stderr_path: PathBuf,
+    /// Everything the gateway printed on stdout (kept for tests that read it).
+    stdout: Arc<std::sync::Mutex<String>>,
     _dir: tempdir::TempDir,
 }
 
@@ -105,10 +107,14 @@ impl Gateway {
         let mut child = cmd.spawn().expect("spawn tollgate");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
+        let mut printed = String::new();
         let line = loop {
             match lines.next() {
                 Some(Ok(l)) if l.starts_with("tollgate listening") => break l,
-                Some(Ok(_)) => continue,
+                Some(Ok(l)) => {
+                    printed.push_str(&l);
+                    printed.push('\n');
+                }
                 _ => {
                     let _ = child.wait();
                     panic!(
@@ -119,7 +125,15 @@ impl Gateway {
             }
         };
         // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let stdout = Arc::new(std::sync::Mutex::new(format!("{printed}{line}\n")));
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&l);
+                s.push('\n');
+            }
+        });
         let field = |name: &str| -> SocketAddr {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{name}=")))
@@ -133,6 +147,7 @@ impl Gateway {
             admin: field("admin"),
             child,
             stderr_path,
+            stdout,
             _dir: dir,
         }
     }
@@ -234,6 +249,11 @@ impl Gateway {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// What the gateway printed on stdout so far (start-up lines included).
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 }
 

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# bench/soak.sh: a long run of mixed traffic through tollgate, then the accounting audit.
+#
+# Usage:
+#   bench/soak.sh [--duration 10m] [--no-build] [any other tollgate-soak option]
+#
+# Starts `tollgate sim` and `tollgate serve` (reserve accounting, one token counter per
+# key, JSON access log) on free loopback ports, then runs tollgate-soak: every API,
+# streamed and not, about 10% of calls with an upstream fault (x-sim-fault), 10% of
+# clients leaving mid-stream or before the answer, 200 calls/s (--rate) from 16 clients
+# (-c). It prints the gateway's RSS at start and end, requests, p50/p99, reservations
+# outstanding at the end (must be 0) and the audit: tokens charged where usage arrived
+# against what the simulator reported (must be equal), estimates listed apart, counters
+# against the access log. Exits non-zero when the audit fails.
+#
+# Environment: CARGO_TARGET_DIR (binaries) [<repo>/target], KEEP=1 keeps the logs (kept
+# anyway when the audit fails).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+BUILD=1
+ARGS=()
+DURATION=10m
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --no-build) BUILD=0 ;;
+    --duration) DURATION=$2; shift ;;
+    --duration=*) DURATION=${1#--duration=} ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) ARGS+=("$1") ;;
+  esac
+  shift
+done
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "soak.sh: $*"; exit 1; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-soak.XXXXXX")
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ ${KEEP:-0} == 1 ]]; then log "logs kept in $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  local p i
+  for i in $(seq 1 100); do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+  done
+  die "no free port found"
+}
+wait_http() {
+  local url=$1 name=$2 logfile=$3 i
+  for i in $(seq 1 200); do
+    curl -sf -o /dev/null "$url" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  tail -n 30 "$logfile" >&2 || true
+  die "$name did not become ready at $url"
+}
+
+command -v curl >/dev/null || die "curl is required"
+if [[ $BUILD == 1 ]]; then
+  log "building release binaries (cargo build --release -p tollgate -p tollgate-bench)..."
+  (cd "$ROOT" && cargo build --release -q -p tollgate -p tollgate-bench)
+fi
+
+SIM_PORT=$(free_port)
+"$BIN/tollgate" sim --listen "127.0.0.1:$SIM_PORT" --latency-ms 0 --ms-per-token 0 \
+  >"$TMP/sim.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$SIM_PORT/v1/models" simulator "$TMP/sim.log"
+
+GW_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
+cat >"$TMP/tollgate.yaml" <<EOF
+listen: 127.0.0.1:$GW_PORT
+admin:
+  listen: 127.0.0.1:$ADMIN_PORT
+logging:
+  format: json
+  level: warn,tollgate::access=info
+  access_log: true
+backends:
+  - name: sim
+    url: http://127.0.0.1:$SIM_PORT
+routes:
+  - name: llm
+    match: { path_prefix: /v1 }
+    backend: sim
+auth:
+  api_keys:
+    prefixes: [Bearer]
+    keys:
+      - { key: soak-key-1, identity: { userid: u1 } }
+      - { key: soak-key-2, identity: { userid: u2 } }
+      - { key: soak-key-3, identity: { userid: u3 } }
+      - { key: soak-key-4, identity: { userid: u4 } }
+policies:
+  - name: soak
+    kind: TokenRateLimitPolicy
+    accounting: reserve
+    limits:
+      all:
+        rates: [{ limit: 1000000000000, window: 30d }]
+        counters: [auth.identity.userid]
+EOF
+env -u RUST_LOG "$BIN/tollgate" serve -c "$TMP/tollgate.yaml" >"$TMP/tollgate.out" 2>"$TMP/tollgate.log" &
+GW_PID=$!
+PIDS+=($GW_PID)
+wait_http "http://127.0.0.1:$ADMIN_PORT/healthz" tollgate "$TMP/tollgate.log"
+
+rc=0
+"$BIN/tollgate-soak" --proxy "127.0.0.1:$GW_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
+  --keys soak-key-1,soak-key-2,soak-key-3,soak-key-4 --duration "$DURATION" \
+  --gateway-pid "$GW_PID" --gateway-log "$TMP/tollgate.log" "${ARGS[@]}" || rc=$?
+# A failed audit keeps the gateway's log (every access line) for the post-mortem.
+[[ $rc == 0 ]] || KEEP=1
+exit $rc

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# bench/storm.sh: a connection storm against tollgate.
+#
+# Usage:
+#   bench/storm.sh [--idle 4000] [--partial N] [--duration 10s] [-c 8] [--no-build]
+#
+# Starts `tollgate sim` and `tollgate serve` on free loopback ports, raises the open-file
+# limit (ulimit -n; the gateway and the storm tool inherit it), then runs tollgate-storm:
+# a baseline phase (active clients calling chat completions through the gateway while the
+# admin API is probed: /healthz, /readyz, /metrics, /admin/status, /admin/counters, each
+# on a fresh connection), then the same with thousands of idle connections held open on
+# the proxy listener (--partial of them with half a request line, slowloris style).
+# Prints throughput and p50/p99/max of the active calls and of the admin probes in both
+# phases, failures, how many idle connections the gateway closed, and the gateway's RSS.
+# Exits non-zero when an admin probe or an active call failed.
+#
+# Environment: CARGO_TARGET_DIR (binaries) [<repo>/target], KEEP=1 keeps the logs.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+BUILD=1
+ARGS=()
+IDLE=4000
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --no-build) BUILD=0 ;;
+    --idle) IDLE=$2; shift ;;
+    --idle=*) IDLE=${1#--idle=} ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) ARGS+=("$1") ;;
+  esac
+  shift
+done
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "storm.sh: $*"; exit 1; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-storm.XXXXXX")
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ ${KEEP:-0} == 1 ]]; then log "logs kept in $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  local p i
+  for i in $(seq 1 100); do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+  done
+  die "no free port found"
+}
+wait_http() {
+  local url=$1 name=$2 logfile=$3 i
+  for i in $(seq 1 200); do
+    curl -sf -o /dev/null "$url" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  tail -n 30 "$logfile" >&2 || true
+  die "$name did not become ready at $url"
+}
+
+command -v curl >/dev/null || die "curl is required"
+if [[ $BUILD == 1 ]]; then
+  log "building release binaries (cargo build --release -p tollgate -p tollgate-bench)..."
+  (cd "$ROOT" && cargo build --release -q -p tollgate -p tollgate-bench)
+fi
+
+# Every idle connection is a descriptor on both sides; leave room for the rest.
+WANT=$((IDLE + 1024))
+if [[ $(ulimit -n) != unlimited && $(ulimit -n) -lt $WANT ]]; then
+  ulimit -n "$WANT" 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fi
+log "open-file limit: $(ulimit -n)"
+if [[ $(ulimit -n) != unlimited && $(ulimit -n) -lt $WANT ]]; then
+  log "warning: ulimit -n $(ulimit -n) < $WANT: some idle connections will fail"
+fi
+
+SIM_PORT=$(free_port)
+"$BIN/tollgate" sim --listen "127.0.0.1:$SIM_PORT" --latency-ms 0 --ms-per-token 0 \
+  >"$TMP/sim.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$SIM_PORT/v1/models" simulator "$TMP/sim.log"
+
+GW_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
+cat >"$TMP/tollgate.yaml" <<EOF
+listen: 127.0.0.1:$GW_PORT
+admin:
+  listen: 127.0.0.1:$ADMIN_PORT
+logging:
+  level: warn
+  access_log: false
+backends:
+  - name: sim
+    url: http://127.0.0.1:$SIM_PORT
+routes:
+  - name: llm
+    match: { path_prefix: /v1 }
+    backend: sim
+auth:
+  api_keys:
+    prefixes: [Bearer]
+    keys:
+      - { key: storm-key, identity: { userid: storm } }
+policies:
+  - name: storm
+    kind: TokenRateLimitPolicy
+    limits:
+      all:
+        rates: [{ limit: 1000000000000, window: 1h }]
+        counters: [auth.identity.userid]
+EOF
+env -u RUST_LOG "$BIN/tollgate" serve -c "$TMP/tollgate.yaml" >"$TMP/tollgate.out" 2>"$TMP/tollgate.log" &
+GW_PID=$!
+PIDS+=($GW_PID)
+wait_http "http://127.0.0.1:$ADMIN_PORT/healthz" tollgate "$TMP/tollgate.log"
+
+"$BIN/tollgate-storm" --proxy "127.0.0.1:$GW_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
+  --key storm-key --idle "$IDLE" --gateway-pid "$GW_PID" "${ARGS[@]}"
