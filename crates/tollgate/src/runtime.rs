@@ -227,30 +227,11 @@ impl Runtime {
             .redis
             .as_ref()
             .and_then(|r| r.tls.as_ref())
-            .map(|tls| {
-                let mut read = |field: &str, file: &Option<String>| {
-                    let f = file.as_deref()?;
-                    std::fs::read(f)
-                        .map_err(|e| {
-                            b.err(
-                                format!("storage.redis.tls.{field}"),
-                                format!("cannot read `{f}`: {e}"),
-                            )
-                        })
-                        .ok()
-                };
-                let tls_cfg = tollgate_limits::RedisTls {
-                    ca_pem: read("ca_file", &tls.ca_file),
-                    client_cert_pem: read("cert_file", &tls.cert_file),
-                    client_key_pem: read("key_file", &tls.key_file),
-                };
-                if tls.cert_file.is_some() != tls.key_file.is_some() {
-                    b.err(
-                        "storage.redis.tls",
-                        "`cert_file` and `key_file` go together (mutual TLS needs both)",
-                    );
-                }
-                tls_cfg
+            .and_then(|tls| b.tls_files("storage.redis.tls", tls))
+            .map(|pem| tollgate_limits::RedisTls {
+                ca_pem: pem.ca,
+                client_cert_pem: pem.cert,
+                client_key_pem: pem.key,
             });
         if admin_token.is_none() && admin_listen.is_some_and(|a| !a.ip().is_loopback()) {
             b.warn(
@@ -834,6 +815,13 @@ impl Runtime {
     }
 }
 
+/// The contents of a [`crate::config::TlsClientFiles`].
+struct TlsPem {
+    ca: Option<Vec<u8>>,
+    cert: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+}
+
 struct Builder {
     errors: Vec<Problem>,
     warnings: Vec<Problem>,
@@ -1047,12 +1035,40 @@ impl Builder {
         })
     }
 
+    /// The PEM files of a `tls:` block (at `path`), read now: an unreadable one, or a
+    /// certificate without its key (or the reverse), is a config error (all of them are
+    /// reported) and gives `None`.
+    fn tls_files(&mut self, path: &str, tls: &crate::config::TlsClientFiles) -> Option<TlsPem> {
+        let mut ok = tls.cert_file.is_some() == tls.key_file.is_some();
+        if !ok {
+            self.err(
+                path,
+                "`cert_file` and `key_file` go together (mutual TLS needs both)",
+            );
+        }
+        let mut read = |field: &str, file: &Option<String>| {
+            let f = file.as_deref()?;
+            std::fs::read(f)
+                .map_err(|e| {
+                    ok = false;
+                    self.err(format!("{path}.{field}"), format!("cannot read `{f}`: {e}"))
+                })
+                .ok()
+        };
+        let pem = TlsPem {
+            ca: read("ca_file", &tls.ca_file),
+            cert: read("cert_file", &tls.cert_file),
+            key: read("key_file", &tls.key_file),
+        };
+        ok.then_some(pem)
+    }
+
     /// `backends[i].tls`: files read and checked now, so a bad one is a config error.
     fn backend_tls(
         &mut self,
         path: &str,
         bc: &BackendConfig,
-        tls: &crate::config::BackendTlsConfig,
+        tls: &crate::config::TlsClientFiles,
     ) -> Option<crate::proxy::upstream::UpstreamClient> {
         if bc
             .url
@@ -1062,28 +1078,11 @@ impl Builder {
             self.err(format!("{path}.tls"), "TLS settings need an https:// url");
             return None;
         }
-        if tls.cert_file.is_some() != tls.key_file.is_some() {
-            self.err(
-                format!("{path}.tls"),
-                "`cert_file` and `key_file` go together (mutual TLS needs both)",
-            );
-            return None;
-        }
-        let mut read = |field: &str, file: &Option<String>| -> Result<Option<Vec<u8>>, ()> {
-            let Some(f) = file.as_deref() else {
-                return Ok(None);
-            };
-            std::fs::read(f).map(Some).map_err(|e| {
-                self.err(
-                    format!("{path}.tls.{field}"),
-                    format!("cannot read `{f}`: {e}"),
-                )
-            })
-        };
+        let pem = self.tls_files(&format!("{path}.tls"), tls)?;
         let material = crate::proxy::upstream::UpstreamTls {
-            ca_pem: read("ca_file", &tls.ca_file).ok()?,
-            client_cert_pem: read("cert_file", &tls.cert_file).ok()?,
-            client_key_pem: read("key_file", &tls.key_file).ok()?,
+            ca_pem: pem.ca,
+            client_cert_pem: pem.cert,
+            client_key_pem: pem.key,
         };
         // The connect timeout is the gateway-wide one (`server.upstream_connect_timeout`).
         let connect = Duration::from_millis(self.upstream_connect_timeout_ms);

@@ -184,17 +184,19 @@ pub struct RedisStorageConfig {
     /// For `rediss://` nodes: a private CA and/or a client certificate (mutual TLS).
     /// Without it, `rediss://` verifies against the system's trust store.
     #[serde(default)]
-    pub tls: Option<RedisTlsConfig>,
+    pub tls: Option<TlsClientFiles>,
 }
 
-/// `storage.redis.tls`: PEM files, read at load (and at every reload).
+/// `storage.redis.tls` and `backends[].tls`: PEM files, read at load (and at every
+/// reload).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RedisTlsConfig {
-    /// CA certificate(s) to trust instead of the system's roots.
+pub struct TlsClientFiles {
+    /// CA certificate(s) to trust instead of the default roots (for backends: webpki +
+    /// the system's; for Redis: the system's).
     #[serde(default)]
     pub ca_file: Option<String>,
-    /// Client certificate chain, for servers that require client certificates.
+    /// Client certificate chain, for servers that require one (mutual TLS).
     #[serde(default)]
     pub cert_file: Option<String>,
     /// The client certificate's private key.
@@ -363,23 +365,7 @@ pub struct BackendConfig {
     pub forward_client_credentials: bool,
     /// For `https://` backends with a private CA or that require a client certificate.
     #[serde(default)]
-    pub tls: Option<BackendTlsConfig>,
-}
-
-/// `backends[].tls`: PEM files, read at load (and at every reload).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendTlsConfig {
-    /// CA certificate(s) to trust for this backend instead of the default roots
-    /// (webpki + the system's).
-    #[serde(default)]
-    pub ca_file: Option<String>,
-    /// Client certificate chain (mutual TLS).
-    #[serde(default)]
-    pub cert_file: Option<String>,
-    /// The client certificate's private key.
-    #[serde(default)]
-    pub key_file: Option<String>,
+    pub tls: Option<TlsClientFiles>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
