@@ -32,43 +32,9 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "storm.sh: $*"; exit 1; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-storm.XXXXXX")
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [[ ${KEEP:-0} == 1 ]]; then log "logs kept in $TMP"; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-  local p i
-  for i in $(seq 1 100); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
-  done
-  die "no free port found"
-}
-wait_http() {
-  local url=$1 name=$2 logfile=$3 i
-  for i in $(seq 1 200); do
-    curl -sf -o /dev/null "$url" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  tail -n 30 "$logfile" >&2 || true
-  die "$name did not become ready at $url"
-}
-
-command -v curl >/dev/null || die "curl is required"
-if [[ $BUILD == 1 ]]; then
-  log "building release binaries (cargo build --release -p tollgate -p tollgate-bench)..."
-  (cd "$ROOT" && cargo build --release -q -p tollgate -p tollgate-bench)
-fi
+SCRIPT=storm.sh
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 # Every idle connection is a descriptor on both sides; leave room for the rest.
 WANT=$((IDLE + 1024))

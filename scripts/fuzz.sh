@@ -31,8 +31,12 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "== installing cargo-fuzz"
   cargo install --locked cargo-fuzz --version 0.13.2
 fi
-# cargo fuzz has no --locked: refuse a lock file that would have to change.
-cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
+# The fuzz workspace builds with exactly the main workspace's locked versions (the lint
+# stage checks that lock with --locked): its lock is the main one, plus the fuzz-only
+# crates (libfuzzer-sys, pinned in fuzz/Cargo.toml, and what it needs). Generated here,
+# not kept in git, so it can never drift from the main lock.
+cp Cargo.lock fuzz/Cargo.lock
+cargo metadata --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 
 # Optimised, with debug assertions and overflow checks on (an overflow is a crash too);
 # 16 codegen units keep a cold build within a few minutes on two cores.
