@@ -2,8 +2,9 @@
 # (its name, for messages), ROOT, BUILD and, optionally, KEEP.
 #
 # Gives: log, die, a temporary directory $TMP removed on exit (kept with KEEP=1), PIDS
-# (processes stopped on exit), free_port, wait_http URL NAME LOGFILE, and, when BUILD=1,
-# a release build of tollgate and tollgate-bench.
+# (processes stopped on exit), free_port, wait_http URL NAME LOGFILE, start_sim (the
+# built-in simulator on a free port: $SIM_PORT), and, when BUILD=1, a release build of
+# tollgate and tollgate-bench.
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "$SCRIPT: $*"; exit 1; }
@@ -35,6 +36,15 @@ wait_http() {
   done
   tail -n 30 "$logfile" >&2 || true
   die "$name did not become ready at $url"
+}
+
+# The built-in simulator (no latency, no pacing) on a free port, ready: sets SIM_PORT.
+start_sim() {
+  SIM_PORT=$(free_port)
+  "$BIN/tollgate" sim --listen "127.0.0.1:$SIM_PORT" --latency-ms 0 --ms-per-token 0 \
+    >"$TMP/sim.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$SIM_PORT/v1/models" simulator "$TMP/sim.log"
 }
 
 command -v curl >/dev/null || die "curl is required"

@@ -36,11 +36,7 @@ SCRIPT=soak.sh
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-SIM_PORT=$(free_port)
-"$BIN/tollgate" sim --listen "127.0.0.1:$SIM_PORT" --latency-ms 0 --ms-per-token 0 \
-  >"$TMP/sim.log" 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$SIM_PORT/v1/models" simulator "$TMP/sim.log"
+start_sim
 
 GW_PORT=$(free_port)
 ADMIN_PORT=$(free_port)

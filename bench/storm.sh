@@ -46,11 +46,7 @@ if [[ $(ulimit -n) != unlimited && $(ulimit -n) -lt $WANT ]]; then
   log "warning: ulimit -n $(ulimit -n) < $WANT: some idle connections will fail"
 fi
 
-SIM_PORT=$(free_port)
-"$BIN/tollgate" sim --listen "127.0.0.1:$SIM_PORT" --latency-ms 0 --ms-per-token 0 \
-  >"$TMP/sim.log" 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$SIM_PORT/v1/models" simulator "$TMP/sim.log"
+start_sim
 
 GW_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
