@@ -13,6 +13,7 @@
 //! taken atomically, or nothing taken) and, when the call ends, `settle` (reservations
 //! replaced by the real cost in the window they were made in).
 
+pub mod affinity;
 pub mod cel;
 pub mod counter;
 pub mod policy;

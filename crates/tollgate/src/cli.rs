@@ -562,7 +562,8 @@ async fn serve(
         build: Box::new(move || sources.build()),
     };
     crate::reload::spawn(gw.clone(), source, rx.clone());
-    let proxy_task = tokio::spawn(crate::proxy::serve(proxy_l, gw.clone(), rx));
+    let workers = gw.runtime.load().limits.workers;
+    let proxy_task = tokio::spawn(crate::proxy::serve(proxy_l, gw.clone(), rx, workers));
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining in-flight requests");
     let _ = tx.send(true);

@@ -116,6 +116,8 @@ pub struct Limits {
     pub request_body_timeout: Duration,
     pub max_concurrent_requests: usize,
     pub keep_alive: bool,
+    /// `server.workers` (read at start only).
+    pub workers: usize,
     pub reservation_deadline_ms: u64,
     pub settle_grace_ms: u64,
     pub shutdown_grace: Duration,
@@ -738,6 +740,9 @@ impl Runtime {
             request_body_timeout: Duration::from_millis(ms(&s.request_body_timeout, 60_000)),
             max_concurrent_requests: s.max_concurrent_requests.unwrap_or(10_000),
             keep_alive: s.keep_alive.unwrap_or(true),
+            workers: s.workers.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }),
             reservation_deadline_ms: ms(&s.reservation_deadline, 900_000),
             settle_grace_ms: ms(&cfg.storage.settle_grace, 300_000),
             shutdown_grace: Duration::from_millis(ms(&s.shutdown_grace, 30_000)),

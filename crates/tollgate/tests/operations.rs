@@ -295,3 +295,50 @@ async fn reloader_wakes_for_config_changes_only() {
         checks
     );
 }
+
+/// `server.workers`: with 0 (the shared runtime), 1 and 3 proxy threads, many clients on
+/// connections of their own are all served and every token lands on the counter; the
+/// admin API, which runs apart from the proxy threads, sees the same counters.
+#[tokio::test]
+async fn proxy_workers_serve_and_count_alike() {
+    let up = Upstream::start().await;
+    for workers in [0, 1, 3] {
+        let cfg = quickstart_config(&sim_backend(up.addr)).replace(
+            "listen: 127.0.0.1:0\n",
+            &format!("listen: 127.0.0.1:0\nserver:\n  workers: {workers}\n"),
+        );
+        let gw = Gateway::start(&cfg);
+        let mut tasks = Vec::new();
+        for _ in 0..12 {
+            // A client each: a connection each, handed to the workers in turn.
+            let url = gw.url("/v1/chat/completions");
+            tasks.push(tokio::spawn(async move {
+                let c = client();
+                let mut spent = 0;
+                for _ in 0..3 {
+                    let r = c
+                        .post(&url)
+                        .header("authorization", "Bearer iamagolduser")
+                        .json(&chat_body(1))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    spent += r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+                        .as_u64()
+                        .unwrap();
+                }
+                spent
+            }));
+        }
+        let mut spent = 0;
+        for t in tasks {
+            spent += t.await.unwrap();
+        }
+        assert_eq!(
+            gw.counter_value("trlp/gold/60000/user-2", None).await,
+            Some(spent),
+            "workers={workers}"
+        );
+    }
+}

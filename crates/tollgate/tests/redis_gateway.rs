@@ -430,3 +430,66 @@ logging:
         assert_eq!(gw.counter_value("ceiling/n/3600000", None).await, Some(7));
     }
 }
+
+/// On SIGTERM, a stream in flight finishes and its settlement, written to Redis on a task
+/// of its own, is waited for before the process exits: the tokens are on the counter.
+/// Redis (a server of the test's own) is paused for writes just before, so the
+/// settlement is still on its way when the connections have drained.
+#[tokio::test]
+async fn sigterm_waits_for_settlements_on_their_way_to_redis() {
+    let up = Upstream::start().await;
+    let dir = std::env::temp_dir().join(format!("tg-redis-{}", prefix("drain")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let _redis = RedisServer::start(port, &dir);
+    let url = format!("redis://127.0.0.1:{port}");
+    let t0 = near_now();
+    // After-the-fact accounting: the counter holds nothing until the settlement lands.
+    let cfg = config(up.addr, &url, "tgdrain", "fail_closed", 100_000)
+        .replace("    accounting: reserve\n", "")
+        .replace("timeout: 500ms", "timeout: 2s");
+    let mut gw = Gateway::start_at(&cfg, &[], t0);
+    let mut body = chat(20);
+    body["stream"] = Value::Bool(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let mut r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .header("x-sim-ms-per-token", "10")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().unwrap();
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"CLIENT PAUSE 700 WRITE\r\n").unwrap();
+        let mut ok = [0u8; 5];
+        c.read_exact(&mut ok).unwrap();
+        assert_eq!(&ok, b"+OK\r\n");
+    }
+    gw.signal("TERM");
+    let mut text = String::from_utf8_lossy(&first).to_string();
+    while let Some(c) = r.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(text.contains("[DONE]"), "stream cut by shutdown: {text}");
+    let total: u64 = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|v| v["usage"]["total_tokens"].as_u64())
+        .unwrap_or_else(|| panic!("no usage in the stream: {text}"));
+    let (st, _gw) = tokio::task::spawn_blocking(move || (gw.child.wait().unwrap(), gw))
+        .await
+        .unwrap();
+    assert!(st.success(), "exit status {st:?}");
+    let g = Gateway::start_at(&cfg, &[], t0);
+    assert_eq!(
+        g.counter_value("tok/user/3600000/u1", None).await,
+        Some(total),
+        "the settlement written during shutdown is on the counter"
+    );
+}

@@ -194,8 +194,9 @@ pub struct RedisStats {
     pub rollbacks_failed: u64,
 }
 
-/// The Redis implementation of [`Store`]. Cheap to share behind an `Arc`; all requests
-/// use its one multiplexed connection.
+/// The Redis implementation of [`Store`]. Cheap to share behind an `Arc`. Requests use
+/// one multiplexed connection per proxy thread (see [`crate::affinity`]), opened on
+/// first use on that thread, so its I/O is driven where the request runs.
 pub struct RedisStore {
     keys: KeySpace,
     cluster: bool,
@@ -206,7 +207,7 @@ pub struct RedisStore {
     /// Engine time of the last keyspace walk by `sweep` (`u64::MAX`: never).
     last_scan: AtomicU64,
     target: Target,
-    conn: tokio::sync::OnceCell<Conn>,
+    conns: Box<[tokio::sync::OnceCell<Conn>]>,
     book: Mutex<HoldBook>,
     outstanding: AtomicU64,
     tallies: Tallies,
@@ -250,7 +251,7 @@ impl RedisStore {
             }
         };
         // The cell was empty: nobody else has the store yet.
-        let _ = store.conn.set(conn);
+        let _ = store.conns[crate::affinity::slot()].set(conn);
         Ok(store)
     }
 
@@ -306,7 +307,9 @@ impl RedisStore {
             scan_interval: cfg.sweep_scan_interval_ms,
             last_scan: AtomicU64::new(u64::MAX),
             target,
-            conn: tokio::sync::OnceCell::new(),
+            conns: (0..crate::affinity::SLOTS)
+                .map(|_| tokio::sync::OnceCell::new())
+                .collect(),
             book: Mutex::new(HoldBook::default()),
             outstanding: AtomicU64::new(0),
             tallies: Tallies::default(),
@@ -391,9 +394,10 @@ impl RedisStore {
         }
     }
 
-    /// The shared connection, created lazily (connecting in the background) on first use.
+    /// This thread's connection, created lazily (connecting in the background) on first
+    /// use.
     async fn conn(&self) -> Result<Conn, StoreError> {
-        self.conn
+        self.conns[crate::affinity::slot()]
             .get_or_try_init(|| self.open(false))
             .await
             .cloned()
@@ -1318,7 +1322,10 @@ impl std::fmt::Debug for RedisStore {
             .field("cluster", &self.cluster)
             .field("timeout_ms", &self.timeout_ms)
             .field("settle_grace_ms", &self.grace)
-            .field("connected", &self.conn.initialized())
+            .field(
+                "connected",
+                &self.conns.iter().any(tokio::sync::OnceCell::initialized),
+            )
             .field("tallies", &self.tallies)
             .finish_non_exhaustive()
     }

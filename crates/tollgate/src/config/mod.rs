@@ -268,6 +268,12 @@ pub struct ServerConfig {
     /// HTTP/1.1 keep-alive on the proxy listener (default true).
     #[serde(default)]
     pub keep_alive: Option<bool>,
+    /// Proxy threads (default: one per CPU). Each runs a single-threaded runtime with
+    /// its own upstream connection pool, and accepted connections are handed to them in
+    /// turn; 0 serves connections on the shared multi-threaded runtime instead. Read at
+    /// start; a reload does not change it.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Terminate TLS on the proxy listener (h2 and HTTP/1.1 by ALPN). Re-read on every
     /// reload: new connections get the new certificate.
     #[serde(default)]

@@ -269,7 +269,9 @@ impl Settle {
         }
         let store = self.gw.store.clone();
         let gw = self.gw.clone();
+        let pending = super::PendingSettlement::new(&self.gw);
         let fut = async move {
+            let _pending = pending;
             let t = std::time::Instant::now();
             let r = store.settle(now, &settlements).await;
             gw.stats

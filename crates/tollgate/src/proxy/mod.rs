@@ -223,6 +223,8 @@ pub struct Gateway {
     seq: AtomicU64,
     /// Requests in progress on the proxy listener (see [`RequestSlot`]).
     in_flight: AtomicUsize,
+    /// Settlements being written to the store (see [`PendingSettlement`]).
+    settling: AtomicUsize,
     /// Random per process, so reservation and request ids never collide across replicas.
     instance: u64,
 }
@@ -254,6 +256,7 @@ impl Gateway {
             }),
             seq: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
+            settling: AtomicUsize::new(0),
             instance: rand::random::<u64>(),
         }
     }
@@ -320,6 +323,12 @@ impl Gateway {
 /// Accept connections until `shutdown` flips to true, then stop accepting and let
 /// in-flight connections finish (up to the runtime's shutdown grace).
 ///
+/// With `workers` > 0, connections are handed round-robin to that many proxy threads,
+/// each running a single-threaded runtime with its own upstream connection pool: a
+/// request is then served start to finish on one thread (client connection, pipeline,
+/// upstream connection), with no cross-thread wake-ups. With 0, connections are served
+/// on the calling (multi-threaded) runtime.
+///
 /// Each connection is served with the limits of the runtime current when it was
 /// accepted: HTTP/1.1 (keep-alive, header read timeout) or HTTP/2 (h2c by prior
 /// knowledge, h2 over TLS by ALPN), over TLS when `server.tls` is set.
@@ -327,7 +336,9 @@ pub async fn serve(
     listener: TcpListener,
     gw: Arc<Gateway>,
     mut shutdown: watch::Receiver<bool>,
+    workers: usize,
 ) -> std::io::Result<()> {
+    let pool = WorkerPool::start(workers, &gw)?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -343,42 +354,174 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let rt = gw.runtime.load_full();
-        let builder = connection_builder(&rt.limits);
-        let gw_svc = gw.clone();
-        let first_request = Arc::new(tokio::sync::Notify::new());
-        let seen = first_request.clone();
-        let svc = service_fn(move |req| {
-            seen.notify_one();
-            let gw = gw_svc.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle_counted(gw, req, peer).await) }
-        });
-        let watcher = graceful.watcher();
-        let first_deadline = rt.limits.header_read_timeout;
-        match rt.tls.clone() {
-            None => {
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .into_owned();
-                tokio::spawn(drive(
-                    watcher.watch(conn),
-                    first_request,
-                    first_deadline,
-                    peer,
-                ));
+        match &pool {
+            Some(pool) => pool.dispatch(stream, peer),
+            None => serve_connection(stream, peer, &gw, &graceful),
+        }
+    }
+    match pool {
+        Some(pool) => pool.stop().await,
+        None => {
+            drain(&gw, graceful).await;
+            finish_settlements(&gw).await;
+        }
+    }
+    Ok(())
+}
+
+/// A settlement on its way to the store; shutdown waits for these.
+pub(crate) struct PendingSettlement(Arc<Gateway>);
+
+impl PendingSettlement {
+    pub(crate) fn new(gw: &Arc<Gateway>) -> Self {
+        gw.settling.fetch_add(1, Ordering::AcqRel);
+        Self(gw.clone())
+    }
+}
+
+impl Drop for PendingSettlement {
+    fn drop(&mut self) {
+        self.0.settling.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// After the connections drained: let settlements still being written (network store)
+/// finish, so spent tokens are recorded, bounded by the store's own timeouts and at most
+/// the shutdown grace.
+async fn finish_settlements(gw: &Gateway) {
+    let deadline = tokio::time::Instant::now() + gw.runtime.load().limits.shutdown_grace;
+    while gw.settling.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Wait for the connections `graceful` watches to finish, up to the shutdown grace.
+async fn drain(gw: &Gateway, graceful: hyper_util::server::graceful::GracefulShutdown) {
+    let grace = gw.runtime.load().limits.shutdown_grace;
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
+    }
+}
+
+/// The proxy threads: one single-threaded runtime each, fed accepted connections.
+struct WorkerPool {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    done: Vec<tokio::sync::oneshot::Receiver<()>>,
+    next: AtomicUsize,
+}
+
+impl WorkerPool {
+    fn start(workers: usize, gw: &Arc<Gateway>) -> std::io::Result<Option<Self>> {
+        if workers == 0 {
+            return Ok(None);
+        }
+        let mut senders = Vec::with_capacity(workers);
+        let mut done = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let gw = gw.clone();
+            std::thread::Builder::new()
+                .name(format!("tollgate-proxy-{i}"))
+                .spawn(move || {
+                    tollgate_limits::affinity::set_proxy_thread(i + 1);
+                    rt.block_on(worker(rx, gw));
+                    let _ = done_tx.send(());
+                })?;
+            senders.push(tx);
+            done.push(done_rx);
+        }
+        Ok(Some(Self {
+            senders,
+            done,
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    fn dispatch(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, %peer, "cannot hand the connection to a worker");
+                return;
             }
-            Some(tls) => {
-                // The handshake runs on the connection's task, bounded like a request's
-                // headers, so a silent client cannot hold the accept loop.
-                let handshake_timeout = rt.limits.header_read_timeout;
-                tokio::spawn(async move {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                    let stream = match tokio::time::timeout(
-                        handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        if self.senders[i].send((stream, peer)).is_err() {
+            tracing::error!(worker = i, "proxy worker is gone; connection dropped");
+        }
+    }
+
+    /// Close the hand-over channels (each worker then drains) and wait for every worker.
+    async fn stop(self) {
+        drop(self.senders);
+        for d in self.done {
+            let _ = d.await;
+        }
+    }
+}
+
+/// One proxy thread: serve the connections it is handed; when the channel closes
+/// (shutdown), drain them, then let tasks they spawned (settlements on a network store)
+/// finish, bounded by the shutdown grace.
+async fn worker(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    gw: Arc<Gateway>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    while let Some((stream, peer)) = rx.recv().await {
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(s) => serve_connection(s, peer, &gw, &graceful),
+            Err(e) => tracing::warn!(error = %e, %peer, "cannot register the connection"),
+        }
+    }
+    drain(&gw, graceful).await;
+    finish_settlements(&gw).await;
+}
+
+/// Serve one accepted connection on a task of the current runtime.
+fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    gw: &Arc<Gateway>,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) {
+    let rt = gw.runtime.load_full();
+    let builder = connection_builder(&rt.limits);
+    let gw_svc = gw.clone();
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let seen = first_request.clone();
+    let svc = service_fn(move |req| {
+        seen.notify_one();
+        let gw = gw_svc.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle_counted(gw, req, peer).await) }
+    });
+    let watcher = graceful.watcher();
+    let first_deadline = rt.limits.header_read_timeout;
+    match rt.tls.clone() {
+        None => {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            tokio::spawn(drive(
+                watcher.watch(conn),
+                first_request,
+                first_deadline,
+                peer,
+            ));
+        }
+        Some(tls) => {
+            // The handshake runs on the connection's task, bounded like a request's
+            // headers, so a silent client cannot hold the accept loop.
+            let handshake_timeout = rt.limits.header_read_timeout;
+            tokio::spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                let stream =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %peer, "TLS handshake failed");
@@ -389,20 +532,13 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .into_owned();
-                    drive(watcher.watch(conn), first_request, first_deadline, peer).await;
-                });
-            }
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                drive(watcher.watch(conn), first_request, first_deadline, peer).await;
+            });
         }
     }
-    let grace = gw.runtime.load().limits.shutdown_grace;
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
-    }
-    Ok(())
 }
 
 /// Run one connection. hyper's header read timeout starts once a request has begun; a

@@ -16,9 +16,13 @@ use crate::runtime::Backend;
 
 pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// A pooled HTTP client. Each proxy thread gets a pool of its own (built on first use;
+/// see `tollgate_limits::affinity`), so an upstream connection is only ever used by the
+/// thread that drives it.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector, ProxyBody>,
+    connector: HttpsConnector,
+    pools: std::sync::Arc<[std::sync::OnceLock<Client<HttpsConnector, ProxyBody>>]>,
 }
 
 /// PEM material for one backend's TLS: a private CA to trust instead of the default
@@ -152,19 +156,29 @@ impl UpstreamClient {
         )))
     }
 
-    fn over(https: HttpsConnector) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(https);
-        Self { client }
+    fn over(connector: HttpsConnector) -> Self {
+        Self {
+            connector,
+            pools: (0..tollgate_limits::affinity::SLOTS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+        }
+    }
+
+    fn pool(&self) -> &Client<HttpsConnector, ProxyBody> {
+        self.pools[tollgate_limits::affinity::slot()].get_or_init(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(1024)
+                .build(self.connector.clone())
+        })
     }
 
     pub async fn send(
         &self,
         req: http::Request<ProxyBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
+        self.pool().request(req).await
     }
 }
 
