@@ -941,3 +941,109 @@ async fn every_key_has_an_expiry() {
         assert!(ttl > 0, "{k} has no expiry (PTTL {ttl})");
     }
 }
+
+/// After-mode requests (every op a fixed window that takes nothing) skip the scripts on a
+/// single node: the admission reads with `HMGET`, the settlement charges with
+/// `MULTI`/`EXEC`. They keep what the scripts keep: the window's description (as the
+/// admin API shows it), its expiry, refusal at the limit with the window's reset as
+/// retry-after, sums saturating at 2^53 - 1, and a counter with holds still going
+/// through the script (due holds released first).
+#[tokio::test]
+async fn reads_and_plain_charges_keep_the_script_invariants() {
+    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap();
+    let now = SystemClock.now_ms();
+    let base = format!("{}/plain/", run_id());
+    let tokens = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{base}tokens"), 100, 0, 0)
+    };
+    let r = rid();
+    let a = store.admit(now, &[tokens.clone()], r, 0).await.unwrap();
+    store
+        .settle(now, &settlements(&[tokens.clone()], &a, r, 60))
+        .await
+        .unwrap();
+    let r = rid();
+    let a = store.admit(now, &[tokens.clone()], r, 0).await.unwrap();
+    assert_eq!(snapshots(a.clone())[0].value, 60);
+    store
+        .settle(now, &settlements(&[tokens.clone()], &a, r, 45))
+        .await
+        .unwrap();
+    // 105 >= 100: refused until the window ends.
+    let window_end = Window::aligned(MINUTE).end(now);
+    match store.admit(now, &[tokens.clone()], rid(), 0).await.unwrap() {
+        Admission::Refused(refusal) => {
+            assert_eq!(refusal.snapshots[0].value, 105);
+            assert_eq!(refusal.snapshots[0].reset_at, window_end);
+            assert_eq!(refusal.retry_after_ms, Some(window_end - now));
+        }
+        other => panic!("admitted past the limit: {other:?}"),
+    }
+    let views = store
+        .inspect(
+            now,
+            &tollgate_limits::InspectFilter {
+                prefix: Some(format!("{base}tokens")),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(views.len(), 1, "{views:?}");
+    assert_eq!(views[0].kind, CounterKind::Tokens);
+    assert_eq!(views[0].limit, 100);
+    assert_eq!(views[0].value, 105);
+    assert_eq!(views[0].reset_at, window_end);
+
+    // Saturation, as the scripts do it.
+    let big = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{base}big"), u64::MAX, 0, 0)
+    };
+    let r = rid();
+    let a = store.admit(now, &[big.clone()], r, 0).await.unwrap();
+    for _ in 0..2 {
+        store
+            .settle(now, &settlements(&[big.clone()], &a, r, (1 << 52) + 1))
+            .await
+            .unwrap();
+    }
+    let a = store.admit(now, &[big.clone()], rid(), 0).await.unwrap();
+    assert_eq!(snapshots(a)[0].value, (1 << 53) - 1);
+
+    // A reservation on the same counter, due already: the read-only path must not
+    // count it; the script releases it first.
+    let held = fixed(&format!("{base}tokens2"), 100, 0, 90);
+    let r = rid();
+    store.admit(now, &[held], r, now + 10).await.unwrap();
+    let check = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{base}tokens2"), 100, 0, 0)
+    };
+    let a = store
+        .admit(now + 20, &[check.clone()], rid(), 0)
+        .await
+        .unwrap();
+    let s = snapshots(a);
+    assert_eq!((s[0].value, s[0].reserved), (0, 0));
+
+    // Every key written has an expiry.
+    let client = ::redis::Client::open(SHARED_URL).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("*{base}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.len() >= 2, "{keys:?}");
+    for k in &keys {
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{k} has no expiry (PTTL {ttl})");
+    }
+}

@@ -433,6 +433,204 @@ impl RedisStore {
         groups.into_iter().map(|(_, members)| members).collect()
     }
 
+    /// The end of an admission: snapshots and retry-afters from the replies, and the
+    /// holds of an admitted request recorded in the gauge.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &self,
+        now: Millis,
+        ops: &[CounterOp],
+        plans: &[OpPlan],
+        earlier: &[u64],
+        replies: &[Option<OpReply>],
+        all_admitted: bool,
+        reservation: ReservationId,
+        deadline: Millis,
+    ) -> Result<Admission, StoreError> {
+        let mut snapshots = Vec::with_capacity(ops.len());
+        let mut blocking = Vec::new();
+        let mut retry: Option<Option<u64>> = None;
+        for (k, ((op, plan), reply)) in ops.iter().zip(plans).zip(replies).enumerate() {
+            let reply = reply.ok_or_else(|| {
+                StoreError::Protocol("admission script: an op got no reply".into())
+            })?;
+            let (snapshot, verdict) =
+                judge(now, op, plan, &reply, earlier.get(k).copied().unwrap_or(0));
+            snapshots.push(snapshot);
+            if let Some(retry_after_ms) = verdict {
+                blocking.push(k);
+                retry = Some(match (retry, retry_after_ms) {
+                    (None, r) => r,
+                    (Some(Some(a)), Some(b)) => Some(a.max(b)),
+                    (Some(_), _) => None,
+                });
+            }
+        }
+        if !all_admitted {
+            return Ok(Admission::Refused(Refusal {
+                snapshots,
+                blocking,
+                retry_after_ms: retry.flatten(),
+            }));
+        }
+
+        let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+        for (op, plan) in ops.iter().zip(plans) {
+            if plan.held > 0 {
+                let expiry = match op.rate {
+                    Rate::Fixed { .. } => deadline.min(plan.window_end.saturating_add(self.grace)),
+                    _ => deadline,
+                };
+                book.insert(reservation.0, &plan.keys.state, expiry, &op.id);
+            }
+        }
+        self.outstanding
+            .store(book.live.len() as u64, Ordering::Relaxed);
+        Ok(Admission::Admitted { snapshots })
+    }
+
+    /// Admission that only reads: every op a fixed window taking nothing (after-mode
+    /// tokens). On a single node that is one `HMGET` per counter, pipelined, instead of
+    /// a script call: nothing is written, so nothing needs the script's atomicity. When a
+    /// counter has reservations (due holds to release first) or the request takes
+    /// anything, `None`: the admission script decides.
+    async fn check_only(
+        &self,
+        conn: &Conn,
+        ops: &[CounterOp],
+        plans: &[OpPlan],
+        earlier: &[u64],
+    ) -> Result<Option<(bool, Vec<Option<OpReply>>)>, StoreError> {
+        let Conn::Single(c) = conn else {
+            return Ok(None);
+        };
+        let reads_only = ops.iter().zip(plans).all(|(op, plan)| {
+            matches!(op.rate, Rate::Fixed { .. })
+                && plan.commit == 0
+                && plan.held == 0
+                && op.reserve == 0
+        });
+        if !reads_only {
+            return Ok(None);
+        }
+        let mut pipe = ::redis::pipe();
+        for plan in plans {
+            pipe.cmd("HMGET").arg(&plan.keys.state).arg("v").arg("r");
+        }
+        let mut c = c.clone();
+        let rows: Vec<(Option<u64>, Option<u64>)> = self.bounded(pipe.query_async(&mut c)).await?;
+        if rows.len() != ops.len() {
+            return Err(StoreError::Protocol(format!(
+                "HMGET pipeline: {} replies for {} counters",
+                rows.len(),
+                ops.len()
+            )));
+        }
+        if rows.iter().any(|(_, r)| r.unwrap_or(0) > 0) {
+            return Ok(None);
+        }
+        let mut all = true;
+        let replies = ops
+            .iter()
+            .zip(&rows)
+            .enumerate()
+            .map(|(k, (op, (v, _)))| {
+                let value = v.unwrap_or(0);
+                let limit = match op.rate {
+                    Rate::Fixed { limit, .. } => exact(limit),
+                    _ => 0,
+                };
+                let used = value.saturating_add(exact(earlier.get(k).copied().unwrap_or(0)));
+                let passed = match op.need {
+                    Need::Room => used < limit,
+                    Need::Fits => used <= limit,
+                };
+                all &= passed;
+                Some(OpReply {
+                    passed,
+                    raw: value,
+                    reserved: 0,
+                    soonest: None,
+                })
+            })
+            .collect();
+        Ok(Some((all, replies)))
+    }
+
+    /// A settlement that only adds to a fixed window still within its grace, with no
+    /// hold to release (after-mode tokens, request counts).
+    fn is_plain_charge(&self, now: Millis, s: &Settlement) -> bool {
+        let Rate::Fixed { window, .. } = s.op.rate else {
+            return false;
+        };
+        s.op.reserve == 0 && window.end(s.window_start).saturating_add(self.grace) > now
+    }
+
+    /// Plain charges (see [`Self::is_plain_charge`]) as one `MULTI`/`EXEC` of plain
+    /// commands instead of a script call: per counter, add to `v`, (re)write the window's
+    /// description and its expiry (the window's end plus grace, as the scripts set it).
+    async fn charge(
+        &self,
+        settlements: &[Settlement],
+        keys: &[CounterKeys],
+    ) -> Result<(), StoreError> {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        let mut charged = Vec::new();
+        for (s, k) in settlements.iter().zip(keys) {
+            let actual = exact(s.actual);
+            if actual == 0 {
+                continue;
+            }
+            let Rate::Fixed { window, limit } = s.op.rate else {
+                continue;
+            };
+            let end = window.end(s.window_start);
+            pipe.cmd("HINCRBY").arg(&k.state).arg("v").arg(actual);
+            pipe.cmd("HSET")
+                .arg(&k.state)
+                .arg("y")
+                .arg("f")
+                .arg("id")
+                .arg(s.op.id.as_str())
+                .arg("k")
+                .arg(kind_code(s.op.kind))
+                .arg("s")
+                .arg(s.window_start)
+                .arg("e")
+                .arg(end)
+                .ignore();
+            pipe.cmd("HSETNX")
+                .arg(&k.state)
+                .arg("lim")
+                .arg(exact(limit))
+                .ignore();
+            pipe.cmd("PEXPIREAT")
+                .arg(&k.state)
+                .arg(exact(end.saturating_add(self.grace)))
+                .ignore();
+            charged.push(k);
+        }
+        if charged.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn().await?;
+        let Conn::Single(mut c) = conn else {
+            return Err(StoreError::Protocol("plain charge on a cluster".into()));
+        };
+        let values: Vec<i64> = self.bounded(pipe.query_async(&mut c)).await?;
+        // Sums saturate at 2^53 - 1, as in the scripts.
+        for (k, v) in charged.iter().zip(values) {
+            if u64::try_from(v).map_or(true, |v| v > MAX_EXACT) {
+                let clamp = if v < 0 { 0 } else { MAX_EXACT };
+                let mut fix = ::redis::cmd("HSET");
+                fix.arg(&k.state).arg("v").arg(clamp);
+                self.bounded(fix.query_async::<i64>(&mut c)).await?;
+            }
+        }
+        Ok(())
+    }
+
     fn prune(&self, now: Millis) {
         let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
         if book.prune(now) > 0 {
@@ -990,6 +1188,19 @@ impl Store for RedisStore {
             })
             .collect();
         let conn = self.conn().await?;
+        if let Some((all_admitted, replies)) = self.check_only(&conn, ops, &plans, &earlier).await?
+        {
+            return Ok(self.conclude(
+                now,
+                ops,
+                &plans,
+                &earlier,
+                &replies,
+                all_admitted,
+                reservation,
+                deadline,
+            )?);
+        }
         let results = self.run_all::<Vec<i64>>(&conn, invocations).await;
 
         let mut replies: Vec<Option<OpReply>> = vec![None; ops.len()];
@@ -1026,47 +1237,16 @@ impl Store for RedisStore {
         if let Some(e) = failure {
             return Err(e);
         }
-
-        let mut snapshots = Vec::with_capacity(ops.len());
-        let mut blocking = Vec::new();
-        let mut retry: Option<Option<u64>> = None;
-        for (k, ((op, plan), reply)) in ops.iter().zip(&plans).zip(&replies).enumerate() {
-            let reply = reply.ok_or_else(|| {
-                StoreError::Protocol("admission script: an op got no reply".into())
-            })?;
-            let (snapshot, verdict) =
-                judge(now, op, plan, &reply, earlier.get(k).copied().unwrap_or(0));
-            snapshots.push(snapshot);
-            if let Some(retry_after_ms) = verdict {
-                blocking.push(k);
-                retry = Some(match (retry, retry_after_ms) {
-                    (None, r) => r,
-                    (Some(Some(a)), Some(b)) => Some(a.max(b)),
-                    (Some(_), _) => None,
-                });
-            }
-        }
-        if !all_admitted {
-            return Ok(Admission::Refused(Refusal {
-                snapshots,
-                blocking,
-                retry_after_ms: retry.flatten(),
-            }));
-        }
-
-        let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
-        for (op, plan) in ops.iter().zip(&plans) {
-            if plan.held > 0 {
-                let expiry = match op.rate {
-                    Rate::Fixed { .. } => deadline.min(plan.window_end.saturating_add(self.grace)),
-                    _ => deadline,
-                };
-                book.insert(reservation.0, &plan.keys.state, expiry, &op.id);
-            }
-        }
-        self.outstanding
-            .store(book.live.len() as u64, Ordering::Relaxed);
-        Ok(Admission::Admitted { snapshots })
+        self.conclude(
+            now,
+            ops,
+            &plans,
+            &earlier,
+            &replies,
+            all_admitted,
+            reservation,
+            deadline,
+        )
     }
 
     async fn settle(&self, now: Millis, settlements: &[Settlement]) -> Result<(), StoreError> {
@@ -1078,6 +1258,9 @@ impl Store for RedisStore {
             .iter()
             .map(|s| self.keys.for_op(&s.op, s.window_start))
             .collect();
+        if !self.cluster && settlements.iter().all(|s| self.is_plain_charge(now, s)) {
+            return self.charge(settlements, &keys).await;
+        }
         let groups = self.group(&keys);
         let invocations = groups
             .iter()
