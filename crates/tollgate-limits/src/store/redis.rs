@@ -84,6 +84,7 @@ const BATCH: usize = 64;
 
 static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::ADMIT));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::SETTLE));
+static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::CHARGE));
 static ROLLBACK: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::ROLLBACK));
 static SWEEP: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::SWEEP));
 static VIEW: LazyLock<Script> = LazyLock::new(|| Script::new(scripts::VIEW));
@@ -291,7 +292,9 @@ impl RedisStore {
                 .map_err(bad)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
-                    .set_response_timeout(Some(timeout))
+                    // Every call is bounded by `bounded` already; a second timer per call
+                    // inside the client would only cost.
+                    .set_response_timeout(None)
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_secs(1))
                     .set_number_of_retries(6);
@@ -566,69 +569,39 @@ impl RedisStore {
         s.op.reserve == 0 && window.end(s.window_start).saturating_add(self.grace) > now
     }
 
-    /// Plain charges (see [`Self::is_plain_charge`]) as one `MULTI`/`EXEC` of plain
-    /// commands instead of a script call: per counter, add to `v`, (re)write the window's
-    /// description and its expiry (the window's end plus grace, as the scripts set it).
+    /// Plain charges (see [`Self::is_plain_charge`]) in one call of the small
+    /// [`scripts::CHARGE`] instead of [`scripts::SETTLE`].
     async fn charge(
         &self,
         settlements: &[Settlement],
         keys: &[CounterKeys],
     ) -> Result<(), StoreError> {
-        let mut pipe = ::redis::pipe();
-        pipe.atomic();
-        let mut charged = Vec::new();
+        let mut inv = CHARGE.prepare_invoke();
+        let mut any = false;
         for (s, k) in settlements.iter().zip(keys) {
             let actual = exact(s.actual);
-            if actual == 0 {
-                continue;
-            }
             let Rate::Fixed { window, limit } = s.op.rate else {
                 continue;
             };
+            if actual == 0 {
+                continue;
+            }
             let end = window.end(s.window_start);
-            pipe.cmd("HINCRBY").arg(&k.state).arg("v").arg(actual);
-            pipe.cmd("HSET")
-                .arg(&k.state)
-                .arg("y")
-                .arg("f")
-                .arg("id")
+            inv.key(&k.state)
+                .arg(actual)
                 .arg(s.op.id.as_str())
-                .arg("k")
                 .arg(kind_code(s.op.kind))
-                .arg("s")
-                .arg(s.window_start)
-                .arg("e")
-                .arg(end)
-                .ignore();
-            pipe.cmd("HSETNX")
-                .arg(&k.state)
-                .arg("lim")
                 .arg(exact(limit))
-                .ignore();
-            pipe.cmd("PEXPIREAT")
-                .arg(&k.state)
-                .arg(exact(end.saturating_add(self.grace)))
-                .ignore();
-            charged.push(k);
+                .arg(s.window_start)
+                .arg(end)
+                .arg(exact(end.saturating_add(self.grace)));
+            any = true;
         }
-        if charged.is_empty() {
+        if !any {
             return Ok(());
         }
         let conn = self.conn().await?;
-        let Conn::Single(mut c) = conn else {
-            return Err(StoreError::Protocol("plain charge on a cluster".into()));
-        };
-        let values: Vec<i64> = self.bounded(pipe.query_async(&mut c)).await?;
-        // Sums saturate at 2^53 - 1, as in the scripts.
-        for (k, v) in charged.iter().zip(values) {
-            if u64::try_from(v).map_or(true, |v| v > MAX_EXACT) {
-                let clamp = if v < 0 { 0 } else { MAX_EXACT };
-                let mut fix = ::redis::cmd("HSET");
-                fix.arg(&k.state).arg("v").arg(clamp);
-                self.bounded(fix.query_async::<i64>(&mut c)).await?;
-            }
-        }
-        Ok(())
+        self.bounded(conn.invoke::<()>(&inv)).await
     }
 
     fn prune(&self, now: Millis) {

@@ -295,6 +295,32 @@ return out
 "#
 );
 
+/// A plain charge: settlement of fixed windows with no hold to release and within their
+/// grace (after-mode tokens, request counts), the common case, without [`SETTLE`]'s
+/// helpers and branches.
+///
+/// - `KEYS[i]`: counter i's state hash.
+/// - 7 `ARGV` per counter from `ARGV[1 + 7(i-1)]`: actual (> 0), counter id, kind, limit,
+///   window start, window end, expiry (window end plus grace).
+///
+/// Returns nothing. `v` saturates at 2^53 - 1; a new hash gets its description and
+/// expiry, as in [`SETTLE`].
+pub(crate) const CHARGE: &str = r#"
+for i = 1, #KEYS do
+  local h, a = KEYS[i], 7 * (i - 1)
+  local v = redis.call('HINCRBY', h, 'v', ARGV[a + 1])
+  if v > 9007199254740991 then
+    v = 9007199254740991
+    redis.call('HSET', h, 'v', '9007199254740991')
+  end
+  if v == tonumber(ARGV[a + 1]) then
+    redis.call('HSET', h, 'y', 'f', 'id', ARGV[a + 2], 'k', ARGV[a + 3], 's', ARGV[a + 5], 'e', ARGV[a + 6])
+    redis.call('HSETNX', h, 'lim', ARGV[a + 4])
+    redis.call('PEXPIREAT', h, ARGV[a + 7])
+  end
+end
+"#;
+
 /// Compensation on a cluster: undo an admission this script's slot made while another
 /// slot refused (or failed). Releases the reservation's hold and takes back the commits.
 ///
