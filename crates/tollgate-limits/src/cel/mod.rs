@@ -5,6 +5,8 @@
 //! library plus the strings extension for `split`, `lowerAscii`, …). The request path
 //! only builds an activation ([`Attrs`]) and evaluates.
 
+mod fast;
+
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
@@ -17,6 +19,8 @@ use cel::{Context, Env};
 pub struct Expr {
     source: Arc<str>,
     program: Arc<cel::Program>,
+    /// The same expression for the direct evaluator, when it is in its subset.
+    fast: Option<Arc<fast::Fast>>,
 }
 
 impl std::fmt::Debug for Expr {
@@ -110,6 +114,7 @@ impl Expr {
         match env().compile(&normalized) {
             Ok(program) => Ok(Self {
                 source: Arc::from(source),
+                fast: fast::compile(program.expression()).map(Arc::new),
                 program: Arc::new(program),
             }),
             Err(errors) => {
@@ -168,10 +173,37 @@ impl Expr {
         Some(fields)
     }
 
+    /// Evaluate: directly when the expression is in the direct evaluator's subset and
+    /// the answer is plain, else with the interpreter (see `fast`).
     pub fn eval(&self, attrs: &Attrs) -> Result<Value, EvalError> {
+        if let Some(f) = &self.fast {
+            let mut locals = Vec::new();
+            if let Some(v) = f.eval(&attrs.vars, &mut locals) {
+                return Ok(v.into_owned());
+            }
+        }
+        self.interpret(attrs)
+    }
+
+    /// Evaluate with the `cel` interpreter only.
+    pub fn interpret(&self, attrs: &Attrs) -> Result<Value, EvalError> {
         self.program
             .execute(attrs.context())
             .map_err(|e| EvalError::Execution(e.to_string()))
+    }
+
+    /// Whether the direct evaluator handles this expression (when its answer is plain).
+    pub fn is_direct(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// The direct evaluator's answer alone (`None`: it steps aside), for tests.
+    #[cfg(test)]
+    fn eval_direct(&self, attrs: &Attrs) -> Option<Value> {
+        let f = self.fast.as_ref()?;
+        let mut locals = Vec::new();
+        f.eval(&attrs.vars, &mut locals)
+            .map(std::borrow::Cow::into_owned)
     }
 
     pub fn eval_bool(&self, attrs: &Attrs) -> Result<bool, EvalError> {
