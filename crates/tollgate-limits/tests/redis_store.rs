@@ -1047,3 +1047,41 @@ async fn reads_and_plain_charges_keep_the_script_invariants() {
         assert!(ttl > 0, "{k} has no expiry (PTTL {ttl})");
     }
 }
+
+/// Plain charges from many requests at once share script calls (batched per thread);
+/// every one lands exactly once, spread over several counters.
+#[tokio::test]
+async fn concurrent_plain_charges_land_exactly_once() {
+    let store = std::sync::Arc::new(
+        RedisStore::connect(config(Some(SHARED_URL.into()), None))
+            .await
+            .unwrap(),
+    );
+    let now = SystemClock.now_ms();
+    let base = format!("{}/batch/", run_id());
+    let ops: Vec<CounterOp> = (0..4)
+        .map(|i| CounterOp {
+            need: Need::Room,
+            ..fixed(&format!("{base}c{i}"), 1_000_000, 0, 0)
+        })
+        .collect();
+    let mut calls = Vec::new();
+    for n in 0..300u64 {
+        let store = store.clone();
+        let op = ops[(n % 4) as usize].clone();
+        calls.push(async move {
+            let r = rid();
+            let a = store.admit(now, &[op.clone()], r, 0).await.unwrap();
+            store
+                .settle(now, &settlements(&[op], &a, r, n + 1))
+                .await
+                .unwrap();
+        });
+    }
+    futures_util::future::join_all(calls).await;
+    for (i, op) in ops.iter().enumerate() {
+        let want: u64 = (0..300u64).filter(|n| n % 4 == i as u64).map(|n| n + 1).sum();
+        let a = store.admit(now, &[op.clone()], rid(), 0).await.unwrap();
+        assert_eq!(snapshots(a)[0].value, want, "counter {i}");
+    }
+}

@@ -209,6 +209,8 @@ pub struct RedisStore {
     last_scan: AtomicU64,
     target: Target,
     conns: Box<[tokio::sync::OnceCell<Conn>]>,
+    /// Plain charges waiting to be sent, per proxy thread.
+    charges: Box<[ChargeBatch]>,
     book: Mutex<HoldBook>,
     outstanding: AtomicU64,
     tallies: Tallies,
@@ -312,6 +314,9 @@ impl RedisStore {
             target,
             conns: (0..crate::affinity::SLOTS)
                 .map(|_| tokio::sync::OnceCell::new())
+                .collect(),
+            charges: (0..crate::affinity::SLOTS)
+                .map(|_| ChargeBatch::default())
                 .collect(),
             book: Mutex::new(HoldBook::default()),
             outstanding: AtomicU64::new(0),
@@ -569,15 +574,15 @@ impl RedisStore {
         s.op.reserve == 0 && window.end(s.window_start).saturating_add(self.grace) > now
     }
 
-    /// Plain charges (see [`Self::is_plain_charge`]) in one call of the small
-    /// [`scripts::CHARGE`] instead of [`scripts::SETTLE`].
+    /// Plain charges (see [`Self::is_plain_charge`]) through the small
+    /// [`scripts::CHARGE`] instead of [`scripts::SETTLE`], batched per proxy thread (see
+    /// [`ChargeBatch`]).
     async fn charge(
         &self,
         settlements: &[Settlement],
         keys: &[CounterKeys],
     ) -> Result<(), StoreError> {
-        let mut inv = CHARGE.prepare_invoke();
-        let mut any = false;
+        let mut args = Vec::new();
         for (s, k) in settlements.iter().zip(keys) {
             let actual = exact(s.actual);
             let Rate::Fixed { window, limit } = s.op.rate else {
@@ -587,21 +592,78 @@ impl RedisStore {
                 continue;
             }
             let end = window.end(s.window_start);
-            inv.key(&k.state)
-                .arg(actual)
-                .arg(s.op.id.as_str())
-                .arg(kind_code(s.op.kind))
-                .arg(exact(limit))
-                .arg(s.window_start)
-                .arg(end)
-                .arg(exact(end.saturating_add(self.grace)));
-            any = true;
+            args.push(ChargeArgs {
+                key: k.state.clone(),
+                actual,
+                id: s.op.id.as_str().to_owned(),
+                kind: kind_code(s.op.kind),
+                limit: exact(limit),
+                start: s.window_start,
+                end,
+                expire_at: exact(end.saturating_add(self.grace)),
+            });
         }
-        if !any {
+        if args.is_empty() {
             return Ok(());
         }
-        let conn = self.conn().await?;
-        self.bounded(conn.invoke::<()>(&inv)).await
+        let batch = &self.charges[crate::affinity::slot()];
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut q = batch.lock();
+            q.waiting.push((args, tx));
+            !std::mem::replace(&mut q.flushing, true)
+        };
+        if lead {
+            self.flush_charges(batch).await;
+        }
+        // The leader answers every charge it takes (or drops the sender, if it is itself
+        // dropped mid-call: then this charge's fate is unknown, reported as a timeout).
+        match tokio::time::timeout(self.timeout.saturating_mul(2), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) | Err(_) => Err(StoreError::Timeout(self.timeout_ms)),
+        }
+    }
+
+    /// Send the charges waiting on `batch`, in one script call per round, until none are
+    /// left. Charges that arrive while a call is out wait for the next round: under load,
+    /// many requests' settlements share one call; alone, a charge goes at once.
+    async fn flush_charges(&self, batch: &ChargeBatch) {
+        // If this future is dropped mid-call, the batch is open again and nobody waits
+        // on a leader that is gone.
+        let mut guard = Reopen { batch, armed: true };
+        loop {
+            let round = {
+                let mut q = batch.lock();
+                let round = std::mem::take(&mut q.waiting);
+                if round.is_empty() {
+                    // Done: the next charge leads (decided under this same lock).
+                    q.flushing = false;
+                    guard.armed = false;
+                    return;
+                }
+                round
+            };
+            let mut inv = CHARGE.prepare_invoke();
+            for (args, _) in &round {
+                for a in args {
+                    inv.key(&a.key)
+                        .arg(a.actual)
+                        .arg(&a.id)
+                        .arg(a.kind)
+                        .arg(a.limit)
+                        .arg(a.start)
+                        .arg(a.end)
+                        .arg(a.expire_at);
+                }
+            }
+            let result = match self.conn().await {
+                Ok(conn) => self.bounded(conn.invoke::<()>(&inv)).await,
+                Err(e) => Err(e),
+            };
+            for (_, tx) in round {
+                let _ = tx.send(result.clone());
+            }
+        }
     }
 
     fn prune(&self, now: Millis) {
@@ -826,6 +888,67 @@ fn store_error(e: RedisError, timeout_ms: u64) -> StoreError {
         StoreError::Unavailable(e.to_string())
     } else {
         StoreError::Protocol(e.to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Batched plain charges.
+
+/// One counter's plain charge: the [`scripts::CHARGE`] arguments.
+#[derive(Debug)]
+struct ChargeArgs {
+    key: String,
+    actual: u64,
+    id: String,
+    kind: &'static str,
+    limit: u64,
+    start: Millis,
+    end: Millis,
+    expire_at: Millis,
+}
+
+type ChargeWaiter = (
+    Vec<ChargeArgs>,
+    tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+);
+
+/// Plain charges waiting for a script call, per proxy thread. One caller at a time (the
+/// leader) sends them; the others wait for its answer.
+#[derive(Default)]
+struct ChargeBatch(Mutex<ChargeQueue>);
+
+#[derive(Default)]
+struct ChargeQueue {
+    waiting: Vec<ChargeWaiter>,
+    /// A leader is sending.
+    flushing: bool,
+}
+
+impl ChargeBatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChargeQueue> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A leader's turn, if it ends early (its future dropped): the batch is open again, and
+/// charges it did not take fail (they would otherwise wait for a leader that is gone).
+struct Reopen<'a> {
+    batch: &'a ChargeBatch,
+    armed: bool,
+}
+
+impl Drop for Reopen<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut q = self.batch.lock();
+        q.flushing = false;
+        for (_, tx) in q.waiting.drain(..) {
+            let _ = tx.send(Err(StoreError::Unavailable(
+                "charge abandoned by its batch's sender".into(),
+            )));
+        }
     }
 }
 
