@@ -960,21 +960,31 @@ async fn reads_and_plain_charges_keep_the_script_invariants() {
         ..fixed(&format!("{base}tokens"), 100, 0, 0)
     };
     let r = rid();
-    let a = store.admit(now, &[tokens.clone()], r, 0).await.unwrap();
+    let a = store
+        .admit(now, std::slice::from_ref(&tokens), r, 0)
+        .await
+        .unwrap();
     store
-        .settle(now, &settlements(&[tokens.clone()], &a, r, 60))
+        .settle(now, &settlements(std::slice::from_ref(&tokens), &a, r, 60))
         .await
         .unwrap();
     let r = rid();
-    let a = store.admit(now, &[tokens.clone()], r, 0).await.unwrap();
+    let a = store
+        .admit(now, std::slice::from_ref(&tokens), r, 0)
+        .await
+        .unwrap();
     assert_eq!(snapshots(a.clone())[0].value, 60);
     store
-        .settle(now, &settlements(&[tokens.clone()], &a, r, 45))
+        .settle(now, &settlements(std::slice::from_ref(&tokens), &a, r, 45))
         .await
         .unwrap();
     // 105 >= 100: refused until the window ends.
     let window_end = Window::aligned(MINUTE).end(now);
-    match store.admit(now, &[tokens.clone()], rid(), 0).await.unwrap() {
+    match store
+        .admit(now, std::slice::from_ref(&tokens), rid(), 0)
+        .await
+        .unwrap()
+    {
         Admission::Refused(refusal) => {
             assert_eq!(refusal.snapshots[0].value, 105);
             assert_eq!(refusal.snapshots[0].reset_at, window_end);
@@ -1003,14 +1013,23 @@ async fn reads_and_plain_charges_keep_the_script_invariants() {
         ..fixed(&format!("{base}big"), u64::MAX, 0, 0)
     };
     let r = rid();
-    let a = store.admit(now, &[big.clone()], r, 0).await.unwrap();
+    let a = store
+        .admit(now, std::slice::from_ref(&big), r, 0)
+        .await
+        .unwrap();
     for _ in 0..2 {
         store
-            .settle(now, &settlements(&[big.clone()], &a, r, (1 << 52) + 1))
+            .settle(
+                now,
+                &settlements(std::slice::from_ref(&big), &a, r, (1 << 52) + 1),
+            )
             .await
             .unwrap();
     }
-    let a = store.admit(now, &[big.clone()], rid(), 0).await.unwrap();
+    let a = store
+        .admit(now, std::slice::from_ref(&big), rid(), 0)
+        .await
+        .unwrap();
     assert_eq!(snapshots(a)[0].value, (1 << 53) - 1);
 
     // A reservation on the same counter, due already: the read-only path must not
@@ -1023,7 +1042,7 @@ async fn reads_and_plain_charges_keep_the_script_invariants() {
         ..fixed(&format!("{base}tokens2"), 100, 0, 0)
     };
     let a = store
-        .admit(now + 20, &[check.clone()], rid(), 0)
+        .admit(now + 20, std::slice::from_ref(&check), rid(), 0)
         .await
         .unwrap();
     let s = snapshots(a);
@@ -1071,7 +1090,10 @@ async fn concurrent_plain_charges_land_exactly_once() {
         let op = ops[(n % 4) as usize].clone();
         calls.push(async move {
             let r = rid();
-            let a = store.admit(now, &[op.clone()], r, 0).await.unwrap();
+            let a = store
+                .admit(now, std::slice::from_ref(&op), r, 0)
+                .await
+                .unwrap();
             store
                 .settle(now, &settlements(&[op], &a, r, n + 1))
                 .await
@@ -1080,8 +1102,14 @@ async fn concurrent_plain_charges_land_exactly_once() {
     }
     futures_util::future::join_all(calls).await;
     for (i, op) in ops.iter().enumerate() {
-        let want: u64 = (0..300u64).filter(|n| n % 4 == i as u64).map(|n| n + 1).sum();
-        let a = store.admit(now, &[op.clone()], rid(), 0).await.unwrap();
+        let want: u64 = (0..300u64)
+            .filter(|n| n % 4 == i as u64)
+            .map(|n| n + 1)
+            .sum();
+        let a = store
+            .admit(now, std::slice::from_ref(op), rid(), 0)
+            .await
+            .unwrap();
         assert_eq!(snapshots(a)[0].value, want, "counter {i}");
     }
 }

@@ -8,9 +8,13 @@
 //!   retry-afters (exact `u64` math, as in `memory.rs`), the per-replica gauge.
 //!
 //! A request costs one round trip to admit and one to settle: a single script call on a
-//! single node, one per slot (sent concurrently) on a cluster. Calls from all requests
-//! share one multiplexed connection (per node), so they are pipelined; there is no
-//! connection per request. Every call is bounded by `timeout_ms`
+//! single node, one per slot (sent concurrently) on a cluster. On a single node the
+//! common after-mode request is cheaper: its admission only reads (one pipelined `HMGET`
+//! per counter, no script), and its settlement is a plain charge batched with the other
+//! plain charges of its proxy thread into one call of the small `CHARGE` script
+//! ([`ChargeBatch`]). Calls share one multiplexed connection per proxy thread (per node),
+//! so they are pipelined; there is no connection per request. Every call is bounded by
+//! `timeout_ms`
 //! ([`StoreError::Timeout`]); a connection that cannot be made is
 //! [`StoreError::Unavailable`].
 //!
@@ -1286,7 +1290,7 @@ impl Store for RedisStore {
         let conn = self.conn().await?;
         if let Some((all_admitted, replies)) = self.check_only(&conn, ops, &plans, &earlier).await?
         {
-            return Ok(self.conclude(
+            return self.conclude(
                 now,
                 ops,
                 &plans,
@@ -1295,7 +1299,7 @@ impl Store for RedisStore {
                 all_admitted,
                 reservation,
                 deadline,
-            )?);
+            );
         }
         let results = self.run_all::<Vec<i64>>(&conn, invocations).await;
 
