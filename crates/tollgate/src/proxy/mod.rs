@@ -366,6 +366,7 @@ pub async fn serve(
             finish_settlements(&gw).await;
         }
     }
+    tracing::info!("proxy listener closed; connections drained or cut at the grace");
     Ok(())
 }
 
@@ -396,11 +397,15 @@ async fn finish_settlements(gw: &Gateway) {
 }
 
 /// Wait for the connections `graceful` watches to finish, up to the shutdown grace.
-async fn drain(gw: &Gateway, graceful: hyper_util::server::graceful::GracefulShutdown) {
+/// Returns whether they all did.
+async fn drain(gw: &Gateway, graceful: hyper_util::server::graceful::GracefulShutdown) -> bool {
     let grace = gw.runtime.load().limits.shutdown_grace;
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
+        _ = graceful.shutdown() => true,
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!("shutdown grace elapsed; closing remaining connections");
+            false
+        }
     }
 }
 
