@@ -77,11 +77,19 @@ fn bench(c: &mut Criterion) {
     }];
     let split = Expr::compile(r#"auth.identity.groups.split(",").exists(g, g == "free")"#)
         .unwrap_or_else(|e| panic!("{e}"));
-    c.bench_function("cel: split().exists() predicate (context built)", |b| {
+    c.bench_function("cel: split().exists() predicate (direct evaluator)", |b| {
         let a = attrs();
         let _ = split.eval_bool(&a);
         b.iter(|| black_box(split.eval_bool(black_box(&a))))
     });
+    c.bench_function(
+        "cel: split().exists() predicate (interpreter, context built)",
+        |b| {
+            let a = attrs();
+            let _ = split.interpret(&a);
+            b.iter(|| black_box(split.interpret(black_box(&a))))
+        },
+    );
     c.bench_function(
         "cel: tutorial plan per request (attributes + 4 predicates + key)",
         |b| {
