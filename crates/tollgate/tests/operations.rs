@@ -342,3 +342,46 @@ async fn proxy_workers_serve_and_count_alike() {
         );
     }
 }
+
+/// A response delivered whole is logged `end=complete`: a non-streamed body (whose
+/// length the server knows, so it stops reading at the last byte) as much as a stream.
+#[tokio::test]
+async fn whole_responses_are_logged_complete() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&quickstart_config(&sim_backend(up.addr)));
+    let r = chat(&gw, "iamagolduser", 5).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    let mut body = chat_body(5);
+    body["stream"] = Value::Bool(true);
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer iamagolduser")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    // The line is written when the body ends, just after the client has it.
+    let mut lines = Vec::new();
+    for _ in 0..200 {
+        lines = gw
+            .logs()
+            .lines()
+            .filter(|l| l.contains("tollgate::access") && l.contains("user-2"))
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        assert!(
+            l.contains("end=\"complete\"") || l.contains("end=complete"),
+            "{l}"
+        );
+    }
+}

@@ -57,7 +57,7 @@ pub trait ChunkMeter: Send + 'static {
 }
 
 pin_project_lite::pin_project! {
-    pub struct MeteredBody<B, M: ChunkMeter> {
+    pub struct MeteredBody<B: Body, M: ChunkMeter> {
         #[pin]
         inner: B,
         meter: Option<M>,
@@ -69,20 +69,27 @@ pin_project_lite::pin_project! {
         idle: Option<IdleTimer>,
     }
 
-    impl<B, M: ChunkMeter> PinnedDrop for MeteredBody<B, M> {
+    impl<B: Body, M: ChunkMeter> PinnedDrop for MeteredBody<B, M> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(mut m) = this.meter.take() {
                 if let Some(b) = this.unmetered.take() {
                     let _ = m.on_chunk(b);
                 }
-                let _ = m.on_end(BodyEnd::ClientGone);
+                // A body with a known length is not polled past its last byte: dropped
+                // then, it was delivered whole, not abandoned.
+                let end = if this.inner.as_ref().get_ref().is_end_stream() {
+                    BodyEnd::Complete
+                } else {
+                    BodyEnd::ClientGone
+                };
+                let _ = m.on_end(end);
             }
         }
     }
 }
 
-impl<B, M: ChunkMeter> MeteredBody<B, M> {
+impl<B: Body, M: ChunkMeter> MeteredBody<B, M> {
     pub fn new(inner: B, meter: M) -> Self {
         let passthrough = meter.passthrough();
         Self {
