@@ -12,8 +12,6 @@
 //!   count at all is treated as absent, but all-zero counts are kept: the Responses API
 //!   really reports zeros on some `response.incomplete` streams.
 
-mod scan;
-
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -42,24 +40,7 @@ pub struct Usage {
 /// Returns `None` when the body is not JSON, has no top-level `usage` object, or that
 /// object has no recognised count. Only the `usage` member is materialised; the rest of
 /// the body (possibly megabytes of embeddings) is skipped without allocation.
-///
-/// A JSON object is first walked by [`scan::top_level_member`], which checks its syntax
-/// as it goes (strings, escapes, literals, numbers, nesting) without materialising
-/// anything, at a fraction of a full parse's cost; only the `usage` member is then parsed.
-/// Anything that walk is unsure of (a key with escapes, `usage` twice, bytes it does not
-/// accept) goes to serde_json, whose verdict stands.
 pub fn usage_from_body(api: Api, body: &[u8]) -> Option<Usage> {
-    let raw = match scan::top_level_member(body, b"usage") {
-        scan::Member::Found(raw) => raw,
-        scan::Member::Absent => return None,
-        scan::Member::Unsure => return usage_from_body_serde(api, body),
-    };
-    let usage: Value = serde_json::from_slice(raw).ok()?;
-    usage_from_value(api, &usage)
-}
-
-/// [`usage_from_body`] by serde_json alone.
-fn usage_from_body_serde(api: Api, body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
     struct Envelope<'a> {
         #[serde(borrow, default)]
@@ -425,90 +406,5 @@ mod tests {
             Some(5)
         );
         assert_eq!(gemini_usage_from_body(br#"{"error":{"code":429}}"#), None);
-    }
-}
-
-#[cfg(test)]
-mod scan_parity {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-    use proptest::prelude::*;
-
-    fn json() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>()
-                .prop_filter("finite", |f| f.is_finite())
-                .prop_map(Value::from),
-            "[a-z\"\\\\\u{e9}\u{1F600}\n\t/ ]{0,8}".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(4, 32, 6, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
-                prop::collection::btree_map("[a-z_]{1,6}", inner, 0..5)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
-    }
-
-    fn body(rest: Value, usage: Option<Value>) -> Value {
-        let mut obj = match rest {
-            Value::Object(o) => o,
-            other => {
-                let mut o = serde_json::Map::new();
-                o.insert("data".into(), other);
-                o
-            }
-        };
-        if let Some(u) = usage {
-            obj.insert("usage".into(), u);
-        }
-        Value::Object(obj)
-    }
-
-    fn usage_value() -> impl Strategy<Value = Option<Value>> {
-        proptest::option::of(prop_oneof![
-            (0u64..5000, 0u64..5000).prop_map(|(p, c)| serde_json::json!({
-                "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c
-            })),
-            (0u64..5000, 0u64..5000).prop_map(|(i, o)| serde_json::json!({
-                "input_tokens": i, "output_tokens": o
-            })),
-            json(),
-        ])
-    }
-
-    proptest! {
-        /// On any JSON body, pretty or compact, the walk finds what serde_json finds.
-        #[test]
-        fn same_usage_as_serde_on_json(rest in json(), usage in usage_value(), pretty in any::<bool>()) {
-            let v = body(rest, usage);
-            let bytes = if pretty { serde_json::to_vec_pretty(&v).unwrap() } else { serde_json::to_vec(&v).unwrap() };
-            for api in [Api::Chat, Api::Messages] {
-                prop_assert_eq!(usage_from_body(api, &bytes), usage_from_body_serde(api, &bytes));
-            }
-        }
-
-        /// Cut, or with one byte changed: still what serde_json says.
-        #[test]
-        fn same_usage_as_serde_on_damaged_json(
-            rest in json(),
-            usage in usage_value(),
-            at in any::<prop::sample::Index>(),
-            byte in prop_oneof![Just(b'"'), Just(b'\\'), Just(b','), Just(b'}'), Just(b'{'), Just(b'0'), Just(b'-'), Just(b'e'), Just(0x01u8), Just(0xffu8), any::<u8>()],
-            cut in any::<bool>(),
-        ) {
-            let mut bytes = serde_json::to_vec(&body(rest, usage)).unwrap();
-            let i = at.index(bytes.len());
-            if cut {
-                bytes.truncate(i);
-            } else {
-                bytes[i] = byte;
-            }
-            prop_assert_eq!(usage_from_body(Api::Chat, &bytes), usage_from_body_serde(Api::Chat, &bytes));
-        }
     }
 }
