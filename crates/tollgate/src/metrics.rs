@@ -5,7 +5,10 @@
 //! [`MAX_MODELS`] distinct names are kept, later ones are reported as `other`. No user ids
 //! or keys ever become labels.
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -90,6 +93,47 @@ pub struct Metrics {
     pub settle_failures: Counter,
     pub store_degraded: Gauge,
     models: Mutex<HashSet<String>>,
+    /// Tells this instance's families apart in the per-thread handle cache.
+    id: u64,
+}
+
+/// Label sets a thread has seen, per (family, hash of the labels), with their counters:
+/// counting a request looks its labels up here, borrowed, instead of building owned
+/// label strings for the family's own map. Bounded (cleared past [`HANDLES_MAX`]; the
+/// counters live on in their families).
+type Handles = HashMap<(u64, u64), Vec<(Box<[String]>, Counter)>>;
+
+const HANDLES_MAX: usize = 4096;
+
+thread_local! {
+    static HANDLES: RefCell<Handles> = RefCell::new(HashMap::new());
+}
+
+/// The counter of `family` (a unique id) for `labels`, made by `make` the first time this
+/// thread sees them.
+fn counter_for(family: u64, labels: &[&str], make: impl FnOnce() -> Counter) -> Counter {
+    let mut h = DefaultHasher::new();
+    labels.hash(&mut h);
+    let key = (family, h.finish());
+    HANDLES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(bucket) = cache.get(&key) {
+            for (seen, counter) in bucket {
+                if seen.iter().map(String::as_str).eq(labels.iter().copied()) {
+                    return counter.clone();
+                }
+            }
+        }
+        let counter = make();
+        if cache.len() >= HANDLES_MAX {
+            cache.clear();
+        }
+        cache.entry(key).or_default().push((
+            labels.iter().map(|l| (*l).to_owned()).collect(),
+            counter.clone(),
+        ));
+        counter
+    })
 }
 
 impl Default for Metrics {
@@ -228,7 +272,9 @@ impl Metrics {
             "1 while the shared counter store is away (fail_open: local counters; fail_closed: 503)",
             store_degraded.clone(),
         );
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             tokens,
@@ -273,14 +319,53 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &str, backend: &str, status: u16, decision: &str) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                backend: backend.to_owned(),
-                status_class: format!("{}xx", status / 100),
-                decision: decision.to_owned(),
-            })
-            .inc();
+        let other;
+        let class = match status / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            5 => "5xx",
+            n => {
+                other = format!("{n}xx");
+                other.as_str()
+            }
+        };
+        counter_for(self.id * 2, &[route, backend, class, decision], || {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    route: route.to_owned(),
+                    backend: backend.to_owned(),
+                    status_class: class.to_owned(),
+                    decision: decision.to_owned(),
+                })
+                .clone()
+        })
+        .inc();
+    }
+
+    /// Add `n` to `tollgate_tokens_total` for these labels.
+    pub fn add_tokens(
+        &self,
+        route: &str,
+        model: &str,
+        policy: &str,
+        limit: &str,
+        ty: &str,
+        n: u64,
+    ) {
+        counter_for(self.id * 2 + 1, &[route, model, policy, limit, ty], || {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    route: route.to_owned(),
+                    model: model.to_owned(),
+                    policy: policy.to_owned(),
+                    limit: limit.to_owned(),
+                    r#type: ty.to_owned(),
+                })
+                .clone()
+        })
+        .inc_by(n);
     }
 
     pub fn observe_store(&self, op: &str, d: Duration, ok: bool) {
@@ -315,6 +400,35 @@ mod tests {
         assert_eq!(m.model_label(Some("one-too-many")), "other");
         assert_eq!(m.model_label(Some("m3")), "m3");
         assert_eq!(m.model_label(None), "-");
+    }
+
+    #[test]
+    fn cached_handles_count_into_their_own_family() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        for _ in 0..3 {
+            a.request("llm", "sim", 200, "allowed");
+            a.add_tokens("llm", "m", "p", "free", "prompt", 5);
+        }
+        b.request("llm", "sim", 200, "allowed");
+        b.request("llm", "sim", 503, "overloaded");
+        b.add_tokens("llm", "m", "p", "free", "completion", 7);
+        // Past the cache's bound: cleared, and the families keep counting.
+        for i in 0..HANDLES_MAX + 1 {
+            a.add_tokens("llm", &format!("m{i}"), "p", "free", "prompt", 1);
+        }
+        a.add_tokens("llm", "m", "p", "free", "prompt", 5);
+        let (ta, tb) = (a.encode(), b.encode());
+        assert!(ta.contains("tollgate_requests_total{route=\"llm\",backend=\"sim\",status_class=\"2xx\",decision=\"allowed\"} 3"), "{ta}");
+        assert!(ta.contains("tollgate_tokens_total{route=\"llm\",model=\"m\",policy=\"p\",limit=\"free\",type=\"prompt\"} 20"), "{ta}");
+        assert!(!ta.contains("type=\"completion\""), "{ta}");
+        assert!(tb.contains("tollgate_requests_total{route=\"llm\",backend=\"sim\",status_class=\"2xx\",decision=\"allowed\"} 1"), "{tb}");
+        assert!(
+            tb.contains("status_class=\"5xx\",decision=\"overloaded\"} 1"),
+            "{tb}"
+        );
+        assert!(tb.contains("type=\"completion\"} 7"), "{tb}");
+        assert!(!tb.contains("type=\"prompt\""), "{tb}");
     }
 
     #[test]

@@ -122,11 +122,7 @@ impl Settle {
             let Some(p) = self.rt.policies.get(o.policy) else {
                 continue;
             };
-            let limit = p
-                .limits
-                .get(o.limit)
-                .map(|l| l.name.to_string())
-                .unwrap_or_default();
+            let limit = p.limits.get(o.limit).map_or("", |l| &*l.name);
             let types: [(&str, u64); 4] = if estimated {
                 [
                     ("estimated", f.total_tokens),
@@ -146,15 +142,7 @@ impl Settle {
                 if n == 0 {
                     continue;
                 }
-                m.tokens
-                    .get_or_create(&crate::metrics::TokenLabels {
-                        route: self.route.to_string(),
-                        model: model.clone(),
-                        policy: p.name.to_string(),
-                        limit: limit.clone(),
-                        r#type: t.to_owned(),
-                    })
-                    .inc_by(n);
+                m.add_tokens(&self.route, &model, &p.name, limit, t, n);
             }
         }
     }
