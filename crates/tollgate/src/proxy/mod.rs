@@ -361,10 +361,7 @@ pub async fn serve(
     }
     match pool {
         Some(pool) => pool.stop().await,
-        None => {
-            drain(&gw, graceful).await;
-            finish_settlements(&gw).await;
-        }
+        None => drain(&gw, graceful).await,
     }
     tracing::info!("proxy listener closed; connections drained or cut at the grace");
     Ok(())
@@ -396,17 +393,17 @@ async fn finish_settlements(gw: &Gateway) {
     }
 }
 
-/// Wait for the connections `graceful` watches to finish, up to the shutdown grace.
-/// Returns whether they all did.
-async fn drain(gw: &Gateway, graceful: hyper_util::server::graceful::GracefulShutdown) -> bool {
+/// Wait for the connections `graceful` watches to finish, up to the shutdown grace, then
+/// for the settlements they started (see [`finish_settlements`]).
+async fn drain(gw: &Gateway, graceful: hyper_util::server::graceful::GracefulShutdown) {
     let grace = gw.runtime.load().limits.shutdown_grace;
     tokio::select! {
-        _ = graceful.shutdown() => true,
+        _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace elapsed; closing remaining connections");
-            false
         }
     }
+    finish_settlements(gw).await;
 }
 
 /// The proxy threads: one single-threaded runtime each, fed accepted connections.
@@ -490,7 +487,6 @@ async fn worker(
         }
     }
     drain(&gw, graceful).await;
-    finish_settlements(&gw).await;
 }
 
 /// Serve one accepted connection on a task of the current runtime.
