@@ -35,10 +35,10 @@ use serde_json::Value;
 
 use crate::api::Api;
 use crate::sse::{SseEvent, SseScanner, DEFAULT_MAX_EVENT_BYTES};
-use crate::usage::{usage_from_body, usage_from_value, AnthropicUsage, Usage};
+use crate::usage::{usage_from_body, usage_from_raw, usage_from_value, AnthropicUsage, Usage};
 use crate::wire::{
-    choice_value_tokens, part_tokens, raw_text_tokens, raw_to_u64, raw_to_value, value_text_tokens,
-    ChatChunk, MessageHead, MessagesEvent, ResponseHead, ResponsesEvent,
+    choice_value_tokens, part_tokens, raw_text_tokens, raw_to_u64, value_text_tokens, ChatChunk,
+    MessageHead, MessagesEvent, ResponseHead, ResponsesEvent,
 };
 
 /// What to send to the client for one fed chunk.
@@ -705,10 +705,7 @@ impl StreamState {
                     self.add_output(choice.output_tokens());
                     self.max_choice_index = self.max_choice_index.max(choice.index.unwrap_or(0));
                 }
-                let usage = chunk
-                    .usage
-                    .and_then(raw_to_value)
-                    .and_then(|v| usage_from_value(self.api, &v));
+                let usage = chunk.usage.and_then(|raw| usage_from_raw(self.api, raw));
                 (usage, choices.is_empty())
             }
             Err(_) => match serde_json::from_slice::<Value>(data) {
@@ -780,8 +777,7 @@ impl StreamState {
             self.saw_done = true;
             if let Some(usage) = head
                 .usage
-                .and_then(raw_to_value)
-                .and_then(|v| usage_from_value(Api::Responses, &v))
+                .and_then(|raw| usage_from_raw(Api::Responses, raw))
             {
                 self.usage = Some(usage);
                 self.usage_final = true;
@@ -836,8 +832,7 @@ impl StreamState {
     }
 
     fn anthropic_usage(&self, raw: &serde_json::value::RawValue) -> Option<AnthropicUsage> {
-        let value = raw_to_value(raw)?;
-        AnthropicUsage::from_object(value.as_object()?)
+        AnthropicUsage::from_raw(raw)
     }
 }
 

@@ -12,6 +12,9 @@
 //!   count at all is treated as absent, but all-zero counts are kept: the Responses API
 //!   really reports zeros on some `response.incomplete` streams.
 
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -38,59 +41,364 @@ pub struct Usage {
 /// Usage of a complete (non-streamed) JSON response body, success or error.
 ///
 /// Returns `None` when the body is not JSON, has no top-level `usage` object, or that
-/// object has no recognised count. Only the `usage` member is materialised; the rest of
-/// the body (possibly megabytes of embeddings) is skipped without allocation.
+/// object has no recognised count. The `usage` member is read in the same pass, straight
+/// into its counts; the rest of the body (possibly megabytes of embeddings) is skipped
+/// without allocation.
 pub fn usage_from_body(api: Api, body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
-    struct Envelope<'a> {
-        #[serde(borrow, default)]
-        usage: Option<&'a RawValue>,
+    struct Envelope {
+        #[serde(default)]
+        usage: UsageObject,
     }
-    let envelope: Envelope<'_> = serde_json::from_slice(body).ok()?;
-    let usage: Value = serde_json::from_str(envelope.usage?.get()).ok()?;
-    usage_from_value(api, &usage)
+    let envelope: Envelope = serde_json::from_slice(body).ok()?;
+    envelope.usage.0?.normalise(api)
 }
 
 /// Normalises a provider `usage` object according to the API's accounting rules.
 pub(crate) fn usage_from_value(api: Api, usage: &Value) -> Option<Usage> {
-    let obj = usage.as_object()?;
-    match api {
-        Api::Messages => AnthropicUsage::from_object(obj).and_then(|a| a.normalise()),
-        Api::Chat | Api::Completions | Api::Embeddings | Api::Responses => openai_usage(obj),
+    UsageObject::deserialize(usage).ok()?.0?.normalise(api)
+}
+
+/// [`usage_from_value`] for a `usage` member still in its raw form (a stream chunk's).
+pub(crate) fn usage_from_raw(api: Api, usage: &RawValue) -> Option<Usage> {
+    serde_json::from_str::<UsageObject>(usage.get())
+        .ok()?
+        .0?
+        .normalise(api)
+}
+
+/// A `usage` member: `Some` when it is a JSON object, `None` for anything else (`null`, a
+/// number, an array), which counts as no usage.
+#[derive(Debug, Default)]
+struct UsageObject(Option<UsageFields>);
+
+/// Every count a provider's `usage` object may carry, OpenAI's and Anthropic's names both,
+/// read in one pass without building a map. As with a JSON object read into a map, a key
+/// given twice takes its last value; unknown keys are skipped.
+#[derive(Debug, Default, Clone, Copy)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    prompt_cache_hit_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    prompt_tokens_details: Details,
+    input_tokens_details: Details,
+    completion_tokens_details: Details,
+    output_tokens_details: Details,
+}
+
+/// A `*_tokens_details` member. `present` is whether the key was there at all (even as
+/// `null`): OpenAI's reader takes `prompt_tokens_details` over `input_tokens_details`
+/// whenever the former is present.
+#[derive(Debug, Default, Clone, Copy)]
+struct Details {
+    present: bool,
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+    thinking_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    fn normalise(&self, api: Api) -> Option<Usage> {
+        match api {
+            Api::Messages => self.anthropic().normalise(),
+            Api::Chat | Api::Completions | Api::Embeddings | Api::Responses => self.openai(),
+        }
+    }
+
+    /// OpenAI chat/completions/embeddings and Responses share one reader: the two naming
+    /// schemes (`prompt_tokens` vs `input_tokens`) never mix in one object, and
+    /// OpenAI-compatible servers are known to send either on either endpoint.
+    fn openai(&self) -> Option<Usage> {
+        let input = self.prompt_tokens.or(self.input_tokens);
+        let output = self.completion_tokens.or(self.output_tokens);
+        let total = self.total_tokens;
+        if input.is_none() && output.is_none() && total.is_none() {
+            return None;
+        }
+        let input_details = if self.prompt_tokens_details.present {
+            self.prompt_tokens_details
+        } else {
+            self.input_tokens_details
+        };
+        let output_details = if self.completion_tokens_details.present {
+            self.completion_tokens_details
+        } else {
+            self.output_tokens_details
+        };
+        let cached = input_details
+            .cached_tokens
+            // DeepSeek reports its cache hits at the top level.
+            .or(self.prompt_cache_hit_tokens)
+            .unwrap_or(0);
+        let reasoning = output_details.reasoning_tokens.unwrap_or(0);
+        let input = input.unwrap_or(0);
+        let output = output.unwrap_or(0);
+        Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            cached_input_tokens: cached,
+            cache_creation_input_tokens: 0,
+            reasoning_tokens: reasoning,
+            total_tokens: total.unwrap_or_else(|| input.saturating_add(output)),
+        })
+    }
+
+    fn anthropic(&self) -> AnthropicUsage {
+        AnthropicUsage {
+            input_tokens: self.input_tokens,
+            cache_creation_input_tokens: self.cache_creation_input_tokens,
+            cache_read_input_tokens: self.cache_read_input_tokens,
+            output_tokens: self.output_tokens,
+            thinking_tokens: self.output_tokens_details.thinking_tokens,
+        }
     }
 }
 
-/// OpenAI chat/completions/embeddings and Responses share one reader: the two naming
-/// schemes (`prompt_tokens` vs `input_tokens`) never mix in one object, and
-/// OpenAI-compatible servers are known to send either on either endpoint.
-fn openai_usage(obj: &serde_json::Map<String, Value>) -> Option<Usage> {
-    let input = count(obj, "prompt_tokens").or_else(|| count(obj, "input_tokens"));
-    let output = count(obj, "completion_tokens").or_else(|| count(obj, "output_tokens"));
-    let total = count(obj, "total_tokens");
-    if input.is_none() && output.is_none() && total.is_none() {
-        return None;
+/// The keys the usage readers look at; anything else is `Other` and skipped.
+enum Key {
+    PromptTokens,
+    InputTokens,
+    CompletionTokens,
+    OutputTokens,
+    TotalTokens,
+    PromptCacheHitTokens,
+    CacheCreationInputTokens,
+    CacheReadInputTokens,
+    PromptTokensDetails,
+    InputTokensDetails,
+    CompletionTokensDetails,
+    OutputTokensDetails,
+    CachedTokens,
+    ReasoningTokens,
+    ThinkingTokens,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, k: &str) -> Result<Key, E> {
+                Ok(match k {
+                    "prompt_tokens" => Key::PromptTokens,
+                    "input_tokens" => Key::InputTokens,
+                    "completion_tokens" => Key::CompletionTokens,
+                    "output_tokens" => Key::OutputTokens,
+                    "total_tokens" => Key::TotalTokens,
+                    "prompt_cache_hit_tokens" => Key::PromptCacheHitTokens,
+                    "cache_creation_input_tokens" => Key::CacheCreationInputTokens,
+                    "cache_read_input_tokens" => Key::CacheReadInputTokens,
+                    "prompt_tokens_details" => Key::PromptTokensDetails,
+                    "input_tokens_details" => Key::InputTokensDetails,
+                    "completion_tokens_details" => Key::CompletionTokensDetails,
+                    "output_tokens_details" => Key::OutputTokensDetails,
+                    "cached_tokens" => Key::CachedTokens,
+                    "reasoning_tokens" => Key::ReasoningTokens,
+                    "thinking_tokens" => Key::ThinkingTokens,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
     }
-    let input_details = obj
-        .get("prompt_tokens_details")
-        .or_else(|| obj.get("input_tokens_details"));
-    let output_details = obj
-        .get("completion_tokens_details")
-        .or_else(|| obj.get("output_tokens_details"));
-    let cached = nested_count(input_details, "cached_tokens")
-        // DeepSeek reports its cache hits at the top level.
-        .or_else(|| count(obj, "prompt_cache_hit_tokens"))
-        .unwrap_or(0);
-    let reasoning = nested_count(output_details, "reasoning_tokens").unwrap_or(0);
-    let input = input.unwrap_or(0);
-    let output = output.unwrap_or(0);
-    Some(Usage {
-        input_tokens: input,
-        output_tokens: output,
-        cached_input_tokens: cached,
-        cache_creation_input_tokens: 0,
-        reasoning_tokens: reasoning,
-        total_tokens: total.unwrap_or_else(|| input.saturating_add(output)),
-    })
+}
+
+/// Skips whatever is left of a map or sequence the readers do not look into.
+fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// Implements the visitor methods of a type that reads any JSON value and answers
+/// `$absent` for every kind of value it does not look into (objects are handled by each
+/// type itself).
+macro_rules! lenient_visitor {
+    ($absent:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            drain_seq(seq)?;
+            Ok($absent)
+        }
+    };
+}
+
+impl<'de> Deserialize<'de> for UsageObject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UsageObject;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a usage object")
+            }
+            lenient_visitor!(UsageObject(None));
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<UsageObject, E> {
+                Ok(UsageObject(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<UsageObject, E> {
+                Ok(UsageObject(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<UsageObject, E> {
+                Ok(UsageObject(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<UsageObject, D::Error> {
+                UsageObject::deserialize(d)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageObject, A::Error> {
+                let mut u = UsageFields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let count = |map: &mut A| map.next_value::<Count>().map(|c| c.0);
+                    let details = |map: &mut A| map.next_value::<Details>();
+                    match key {
+                        Key::PromptTokens => u.prompt_tokens = count(&mut map)?,
+                        Key::InputTokens => u.input_tokens = count(&mut map)?,
+                        Key::CompletionTokens => u.completion_tokens = count(&mut map)?,
+                        Key::OutputTokens => u.output_tokens = count(&mut map)?,
+                        Key::TotalTokens => u.total_tokens = count(&mut map)?,
+                        Key::PromptCacheHitTokens => u.prompt_cache_hit_tokens = count(&mut map)?,
+                        Key::CacheCreationInputTokens => {
+                            u.cache_creation_input_tokens = count(&mut map)?
+                        }
+                        Key::CacheReadInputTokens => u.cache_read_input_tokens = count(&mut map)?,
+                        Key::PromptTokensDetails => u.prompt_tokens_details = details(&mut map)?,
+                        Key::InputTokensDetails => u.input_tokens_details = details(&mut map)?,
+                        Key::CompletionTokensDetails => {
+                            u.completion_tokens_details = details(&mut map)?
+                        }
+                        Key::OutputTokensDetails => u.output_tokens_details = details(&mut map)?,
+                        Key::CachedTokens
+                        | Key::ReasoningTokens
+                        | Key::ThinkingTokens
+                        | Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(UsageObject(Some(u)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const PRESENT: Details = Details {
+            present: true,
+            cached_tokens: None,
+            reasoning_tokens: None,
+            thinking_tokens: None,
+        };
+        impl<'de> Visitor<'de> for V {
+            type Value = Details;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a usage details object")
+            }
+            lenient_visitor!(PRESENT);
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Details, E> {
+                Ok(PRESENT)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Details, E> {
+                Ok(PRESENT)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Details, E> {
+                Ok(PRESENT)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Details, D::Error> {
+                Details::deserialize(d)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Details, A::Error> {
+                let mut out = PRESENT;
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::CachedTokens => out.cached_tokens = map.next_value::<Count>()?.0,
+                        Key::ReasoningTokens => out.reasoning_tokens = map.next_value::<Count>()?.0,
+                        Key::ThinkingTokens => out.thinking_tokens = map.next_value::<Count>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A token count, read leniently: non-negative integers, and floats with no fraction
+/// (some OpenAI-compatible servers emit `12.0`). `null`, negatives, strings and anything
+/// else count as absent rather than failing the whole usage object.
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a token count")
+            }
+            lenient_visitor!(Count(None));
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(n).ok()))
+            }
+            fn visit_f64<E: de::Error>(self, f: f64) -> Result<Count, E> {
+                Ok(Count(whole_f64(f)))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Count, D::Error> {
+                Count::deserialize(d)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
+                drain_map(map)?;
+                Ok(Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `f` as a count when it is a non-negative whole number that fits in `u64`.
+fn whole_f64(f: f64) -> Option<u64> {
+    // 2^64 as f64; anything at or above it does not fit.
+    const U64_LIMIT: f64 = 18_446_744_073_709_551_616.0;
+    if f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < U64_LIMIT {
+        // Exact: `f` is a non-negative integer below 2^64.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        return Some(f as u64);
+    }
+    None
 }
 
 /// Anthropic's usage fields as reported, before normalisation. Streams report them in
@@ -105,14 +413,13 @@ pub(crate) struct AnthropicUsage {
 }
 
 impl AnthropicUsage {
-    pub(crate) fn from_object(obj: &serde_json::Map<String, Value>) -> Option<AnthropicUsage> {
-        let usage = AnthropicUsage {
-            input_tokens: count(obj, "input_tokens"),
-            cache_creation_input_tokens: count(obj, "cache_creation_input_tokens"),
-            cache_read_input_tokens: count(obj, "cache_read_input_tokens"),
-            output_tokens: count(obj, "output_tokens"),
-            thinking_tokens: nested_count(obj.get("output_tokens_details"), "thinking_tokens"),
-        };
+    /// Anthropic's fields of a raw `usage` member; `None` when it is not an object or
+    /// carries none of them.
+    pub(crate) fn from_raw(raw: &RawValue) -> Option<AnthropicUsage> {
+        let usage = serde_json::from_str::<UsageObject>(raw.get())
+            .ok()?
+            .0?
+            .anthropic();
         (usage != AnthropicUsage::default()).then_some(usage)
     }
 
@@ -209,29 +516,10 @@ pub fn gemini_usage_from_body(body: &[u8]) -> Option<Usage> {
     })
 }
 
-fn nested_count(parent: Option<&Value>, key: &str) -> Option<u64> {
-    parent
-        .and_then(Value::as_object)
-        .and_then(|obj| count(obj, key))
-}
-
-/// A token count, read leniently: non-negative integers, and floats with no fraction
-/// (some OpenAI-compatible servers emit `12.0`). `null`, negatives, strings and anything
-/// else count as absent rather than failing the whole usage object.
+/// A count in a Gemini `usageMetadata` map, read as leniently as [`Count`].
 fn count(obj: &serde_json::Map<String, Value>, key: &str) -> Option<u64> {
     let n = obj.get(key)?.as_number()?;
-    if let Some(u) = n.as_u64() {
-        return Some(u);
-    }
-    let f = n.as_f64()?;
-    // 2^64 as f64; anything at or above it does not fit.
-    const U64_LIMIT: f64 = 18_446_744_073_709_551_616.0;
-    if f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < U64_LIMIT {
-        // Exact: `f` is a non-negative integer below 2^64.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        return Some(f as u64);
-    }
-    None
+    n.as_u64().or_else(|| whole_f64(n.as_f64()?))
 }
 
 #[cfg(test)]
@@ -386,6 +674,267 @@ mod tests {
             u.map(|u| (u.input_tokens, u.output_tokens, u.reasoning_tokens)),
             Some((598, 92, 53))
         );
+    }
+
+    /// The reading rules stated over a `serde_json::Value` map, as the readers were first
+    /// written: the oracle the one-pass readers must agree with.
+    mod reference {
+        use super::super::{count, Usage};
+        use crate::api::Api;
+        use serde_json::{Map, Value};
+
+        fn nested(parent: Option<&Value>, key: &str) -> Option<u64> {
+            parent
+                .and_then(Value::as_object)
+                .and_then(|o| count(o, key))
+        }
+
+        pub fn usage(api: Api, body: &[u8]) -> Option<Usage> {
+            let v: Value = serde_json::from_slice(body).ok()?;
+            let obj = v.as_object()?.get("usage")?.as_object()?;
+            match api {
+                Api::Messages => anthropic(obj),
+                _ => openai(obj),
+            }
+        }
+
+        fn openai(obj: &Map<String, Value>) -> Option<Usage> {
+            let input = count(obj, "prompt_tokens").or_else(|| count(obj, "input_tokens"));
+            let output = count(obj, "completion_tokens").or_else(|| count(obj, "output_tokens"));
+            let total = count(obj, "total_tokens");
+            if input.is_none() && output.is_none() && total.is_none() {
+                return None;
+            }
+            let idet = obj
+                .get("prompt_tokens_details")
+                .or_else(|| obj.get("input_tokens_details"));
+            let odet = obj
+                .get("completion_tokens_details")
+                .or_else(|| obj.get("output_tokens_details"));
+            let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
+            Some(Usage {
+                input_tokens: input,
+                output_tokens: output,
+                cached_input_tokens: nested(idet, "cached_tokens")
+                    .or_else(|| count(obj, "prompt_cache_hit_tokens"))
+                    .unwrap_or(0),
+                cache_creation_input_tokens: 0,
+                reasoning_tokens: nested(odet, "reasoning_tokens").unwrap_or(0),
+                total_tokens: total.unwrap_or_else(|| input.saturating_add(output)),
+            })
+        }
+
+        fn anthropic(obj: &Map<String, Value>) -> Option<Usage> {
+            let i = count(obj, "input_tokens");
+            let c = count(obj, "cache_creation_input_tokens");
+            let r = count(obj, "cache_read_input_tokens");
+            let o = count(obj, "output_tokens");
+            let t = nested(obj.get("output_tokens_details"), "thinking_tokens");
+            if [i, c, r, o, t].iter().all(Option::is_none) {
+                return None;
+            }
+            let (c, r) = (c.unwrap_or(0), r.unwrap_or(0));
+            let input = i.unwrap_or(0).saturating_add(c).saturating_add(r);
+            let output = o.unwrap_or(0);
+            Some(Usage {
+                input_tokens: input,
+                output_tokens: output,
+                cached_input_tokens: r,
+                cache_creation_input_tokens: c,
+                reasoning_tokens: t.unwrap_or(0),
+                total_tokens: input.saturating_add(output),
+            })
+        }
+    }
+
+    #[test]
+    fn odd_shapes_read_as_the_map_reading_does() {
+        for (api, json) in [
+            (
+                Api::Chat,
+                r#"{"usage":{"prompt_tokens":1,"prompt_tokens":"x","completion_tokens":2}}"#,
+            ),
+            (
+                Api::Chat,
+                r#"{"usage":{"prompt_tokens":"x","prompt_tokens":7}}"#,
+            ),
+            (
+                Api::Chat,
+                r#"{"usage":{"prompt_tokens":3,"prompt_tokens_details":null,"input_tokens_details":{"cached_tokens":2},"prompt_cache_hit_tokens":1}}"#,
+            ),
+            (
+                Api::Chat,
+                r#"{"usage":{"prompt_tokens":3,"input_tokens_details":{"cached_tokens":2}}}"#,
+            ),
+            (
+                Api::Chat,
+                r#"{"usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":2},"prompt_tokens_details":[1]}}"#,
+            ),
+            (
+                Api::Chat,
+                r#"{"usage":{"total_tokens":{"a":[1,{"b":2}]},"completion_tokens":[1,2],"prompt_tokens":true}}"#,
+            ),
+            (
+                Api::Chat,
+                r#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":18446744073709551616}}"#,
+            ),
+            (
+                Api::Chat,
+                r#"{"usage":{"prompt_tokens":1e2,"completion_tokens":-0.0,"total_tokens":2.5}}"#,
+            ),
+            (
+                Api::Chat,
+                r#"{"usa\u0067e":{"prompt_tokens":4},"x":{"usage":{"prompt_tokens":9}}}"#,
+            ),
+            (Api::Chat, r#"{"usage":{"prompt\u005ftokens":4}}"#),
+            (
+                Api::Messages,
+                r#"{"usage":{"output_tokens_details":{"thinking_tokens":5}}}"#,
+            ),
+            (
+                Api::Messages,
+                r#"{"usage":{"output_tokens_details":{"thinking_tokens":null}}}"#,
+            ),
+            (
+                Api::Messages,
+                r#"{"usage":{"input_tokens":-1,"output_tokens":2}}"#,
+            ),
+            (
+                Api::Messages,
+                r#"{"usage":{"cache_read_input_tokens":18446744073709551615,"input_tokens":5}}"#,
+            ),
+            (
+                Api::Responses,
+                r#"{"usage":{"input_tokens":1,"output_tokens_details":{"reasoning_tokens":3},"completion_tokens_details":null}}"#,
+            ),
+            (Api::Chat, r#"{"usage":{"prompt_tokens":1}} trailing"#),
+            (
+                Api::Chat,
+                r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            ),
+        ] {
+            let want = if json.contains("\"usage\":{\"prompt_tokens\":1},\"usage\"") {
+                // A repeated top-level `usage` is refused by both the struct reader and
+                // as a matter of principle (which one would be the bill?).
+                None
+            } else {
+                reference::usage(api, json.as_bytes())
+            };
+            assert_eq!(body(api, json), want, "{json}");
+        }
+    }
+
+    mod agreement {
+        use super::reference;
+        use crate::api::Api;
+        use proptest::prelude::*;
+
+        fn count_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (0u64..100_000).prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                (-1000i64..0).prop_map(|n| n.to_string()),
+                (0u32..1000).prop_map(|n| format!("{n}.0")),
+                (0u32..1000).prop_map(|n| format!("{n}.5")),
+                Just("1e30".to_string()),
+                Just("null".to_string()),
+                Just("true".to_string()),
+                Just("\"12\"".to_string()),
+                Just("[1,2]".to_string()),
+                Just("{\"cached_tokens\":3}".to_string()),
+            ]
+        }
+
+        const COUNT_KEYS: [&str; 11] = [
+            "prompt_tokens",
+            "input_tokens",
+            "completion_tokens",
+            "output_tokens",
+            "total_tokens",
+            "prompt_cache_hit_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "cached_tokens",
+            "service_tier",
+            "reasoning_tokens",
+        ];
+        const DETAIL_KEYS: [&str; 4] = [
+            "prompt_tokens_details",
+            "input_tokens_details",
+            "completion_tokens_details",
+            "output_tokens_details",
+        ];
+        const INNER_KEYS: [&str; 4] = [
+            "cached_tokens",
+            "reasoning_tokens",
+            "thinking_tokens",
+            "audio_tokens",
+        ];
+
+        fn object(keys: &'static [&'static str], max: usize) -> impl Strategy<Value = String> {
+            prop::collection::vec((prop::sample::select(keys), count_value()), 0..max).prop_map(
+                |entries| {
+                    let body: Vec<String> = entries
+                        .iter()
+                        .map(|(k, v)| format!("\"{k}\":{v}"))
+                        .collect();
+                    format!("{{{}}}", body.join(","))
+                },
+            )
+        }
+
+        fn detail_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => object(&INNER_KEYS, 4),
+                1 => count_value(),
+            ]
+        }
+
+        fn usage_object() -> impl Strategy<Value = String> {
+            (
+                prop::collection::vec((prop::sample::select(&COUNT_KEYS[..]), count_value()), 0..8),
+                prop::collection::vec(
+                    (prop::sample::select(&DETAIL_KEYS[..]), detail_value()),
+                    0..6,
+                ),
+                any::<u64>(),
+            )
+                .prop_map(|(counts, details, shuffle)| {
+                    let mut entries: Vec<String> = counts
+                        .iter()
+                        .chain(details.iter())
+                        .map(|(k, v)| format!("\"{k}\":{v}"))
+                        .collect();
+                    let n = entries.len().max(1);
+                    entries.rotate_left(usize::try_from(shuffle).unwrap_or(0) % n);
+                    format!("{{{}}}", entries.join(","))
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+            #[test]
+            fn one_pass_reader_agrees_with_the_map_reading(usage in usage_object(), before in any::<bool>()) {
+                let body = if before {
+                    format!("{{\"usage\":{usage},\"choices\":[{{\"text\":\"hi\"}}]}}")
+                } else {
+                    format!("{{\"id\":\"x\",\"usage\":{usage}}}")
+                };
+                for api in [Api::Chat, Api::Responses, Api::Messages] {
+                    prop_assert_eq!(
+                        super::super::usage_from_body(api, body.as_bytes()),
+                        reference::usage(api, body.as_bytes()),
+                        "{:?} {}", api, body
+                    );
+                    let value: serde_json::Value = serde_json::from_str(&usage).unwrap();
+                    prop_assert_eq!(
+                        super::super::usage_from_value(api, &value),
+                        reference::usage(api, body.as_bytes()),
+                        "value {:?} {}", api, usage
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -221,11 +221,6 @@ pub(crate) struct MessageHead<'a> {
     pub(crate) usage: Option<&'a RawValue>,
 }
 
-/// A raw JSON value parsed into a `Value`, or `None` if it does not parse.
-pub(crate) fn raw_to_value(raw: &RawValue) -> Option<Value> {
-    serde_json::from_str(raw.get()).ok()
-}
-
 /// A raw non-negative integer (`created`, `created_at`), `None` for anything else.
 pub(crate) fn raw_to_u64(raw: &RawValue) -> Option<u64> {
     raw.get().parse().ok()
