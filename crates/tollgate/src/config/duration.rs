@@ -69,24 +69,39 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 
 /// Print a duration the way OpenAI's reset headers do: `6m0s`, `1.5s`, `20ms`, `1h2m3s`.
 pub fn format_reset(ms: u64) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(16);
     if ms < 1000 {
-        return format!("{ms}ms");
+        let _ = write!(out, "{ms}ms");
+        return out;
     }
     let h = ms / 3_600_000;
     let m = (ms % 3_600_000) / 60_000;
     let s_ms = ms % 60_000;
-    let secs = if s_ms.is_multiple_of(1000) {
-        format!("{}s", s_ms / 1000)
-    } else {
-        let v = s_ms as f64 / 1000.0;
-        let t = format!("{v:.3}");
-        format!("{}s", t.trim_end_matches('0').trim_end_matches('.'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
+    if h > 0 {
+        let _ = write!(out, "{h}h{m}m");
+    } else if m > 0 {
+        let _ = write!(out, "{m}m");
     }
+    let _ = write!(out, "{}", s_ms / 1000);
+    let frac = s_ms % 1000;
+    if frac != 0 {
+        // Milliseconds as a decimal fraction without trailing zeros: 1.5s, 1.05s, 1.005s.
+        let digits = [frac / 100, frac / 10 % 10, frac % 10];
+        let used = if frac % 100 == 0 {
+            1
+        } else if frac % 10 == 0 {
+            2
+        } else {
+            3
+        };
+        out.push('.');
+        for &d in &digits[..used] {
+            out.extend(u32::try_from(d).ok().and_then(|d| char::from_digit(d, 10)));
+        }
+    }
+    out.push('s');
+    out
 }
 
 impl<'de> Deserialize<'de> for ConfigDuration {
@@ -168,5 +183,25 @@ mod tests {
         assert_eq!(format_reset(1_500), "1.5s");
         assert_eq!(format_reset(20), "20ms");
         assert_eq!(format_reset(3_723_000), "1h2m3s");
+        assert_eq!(format_reset(1_050), "1.05s");
+        assert_eq!(format_reset(61_005), "1m1.005s");
+        // The same text as formatting the seconds as a float, for every millisecond of
+        // the first two minutes and across hours and days.
+        let by_float = |ms: u64| {
+            if ms < 1000 {
+                return format!("{ms}ms");
+            }
+            let (h, m, s_ms) = (ms / 3_600_000, (ms % 3_600_000) / 60_000, ms % 60_000);
+            let t = format!("{:.3}", s_ms as f64 / 1000.0);
+            let secs = format!("{}s", t.trim_end_matches('0').trim_end_matches('.'));
+            match (h, m) {
+                (0, 0) => secs,
+                (0, m) => format!("{m}m{secs}"),
+                (h, m) => format!("{h}h{m}m{secs}"),
+            }
+        };
+        for ms in (0..120_000).chain((0..5_000).map(|i| i * 86_399_997 / 4_999)) {
+            assert_eq!(format_reset(ms), by_float(ms), "{ms}");
+        }
     }
 }

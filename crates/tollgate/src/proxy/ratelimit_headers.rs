@@ -22,6 +22,24 @@ fn tightest<'a>(
         .min_by_key(|s| (s.remaining(), s.reset_at))
 }
 
+/// OpenAI's per-kind header names: limit, remaining, reset.
+const TOKEN_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+const REQUEST_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+/// agentgateway's: limit, remaining, reset (seconds).
+const PLAIN_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit"),
+    HeaderName::from_static("x-ratelimit-remaining"),
+    HeaderName::from_static("x-ratelimit-reset"),
+];
+
 pub fn compute(
     snapshots: &[CounterSnapshot],
     kinds: &[CounterKind],
@@ -31,42 +49,26 @@ pub fn compute(
     let mut out = Vec::with_capacity(9);
     let tokens = tightest(pairs(), CounterKind::Tokens);
     let requests = tightest(pairs(), CounterKind::Requests);
-    for (snap, suffix) in [(tokens, "tokens"), (requests, "requests")] {
+    for (snap, [limit, remaining, reset]) in [(tokens, TOKEN_HEADERS), (requests, REQUEST_HEADERS)]
+    {
         if let Some(s) = snap {
             let reset_ms = s.reset_at.saturating_sub(now_ms);
-            push(
-                &mut out,
-                &format!("x-ratelimit-limit-{suffix}"),
-                s.limit.to_string(),
-            );
-            push(
-                &mut out,
-                &format!("x-ratelimit-remaining-{suffix}"),
-                s.remaining().to_string(),
-            );
-            push(
-                &mut out,
-                &format!("x-ratelimit-reset-{suffix}"),
-                format_reset(reset_ms),
-            );
+            out.push((limit, HeaderValue::from(s.limit)));
+            out.push((remaining, HeaderValue::from(s.remaining())));
+            // A duration such as `6m0s` is always a valid header value.
+            if let Ok(v) = HeaderValue::try_from(format_reset(reset_ms)) {
+                out.push((reset, v));
+            }
         }
     }
     if let Some(s) = tokens.or(requests) {
         let reset_s = s.reset_at.saturating_sub(now_ms).div_ceil(1000);
-        push(&mut out, "x-ratelimit-limit", s.limit.to_string());
-        push(&mut out, "x-ratelimit-remaining", s.remaining().to_string());
-        push(&mut out, "x-ratelimit-reset", reset_s.to_string());
+        let [limit, remaining, reset] = PLAIN_HEADERS;
+        out.push((limit, HeaderValue::from(s.limit)));
+        out.push((remaining, HeaderValue::from(s.remaining())));
+        out.push((reset, HeaderValue::from(reset_s)));
     }
     out
-}
-
-fn push(out: &mut Vec<(HeaderName, HeaderValue)>, name: &str, value: String) {
-    if let (Ok(n), Ok(v)) = (
-        HeaderName::from_bytes(name.as_bytes()),
-        HeaderValue::from_str(&value),
-    ) {
-        out.push((n, v));
-    }
 }
 
 #[cfg(test)]
