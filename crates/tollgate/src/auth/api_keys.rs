@@ -53,11 +53,7 @@ impl ApiKeys {
             digest,
             KeyEntry {
                 digest,
-                identity: Identity {
-                    method: "api_key",
-                    identity: cel::from_json(identity_json),
-                    label: Arc::from(label),
-                },
+                identity: Identity::new("api_key", cel::from_json(identity_json), Arc::from(label)),
             },
         );
         true

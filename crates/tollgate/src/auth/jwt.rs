@@ -591,11 +591,7 @@ impl Provider {
                     .chain(extra),
             )
         };
-        Identity {
-            method: "jwt",
-            identity,
-            label,
-        }
+        Identity::new("jwt", identity, label)
     }
 }
 

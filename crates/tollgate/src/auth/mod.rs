@@ -60,30 +60,47 @@ pub async fn identify(
     }
 }
 
-/// The caller, as CEL sees it in `auth`.
+/// The caller, as CEL sees it in `auth`. Built once per key (API keys at load, JWTs at
+/// verification, cached with it), so a request only clones reference counts.
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// `api_key`, `jwt` or `anonymous`.
     pub method: &'static str,
-    /// The `auth.identity` map (CEL value, built once at config load for API keys).
+    /// The `auth.identity` map (CEL value).
     pub identity: cel::Value,
     /// A short, non-secret label for logs (`userid`/`sub` when present).
     pub label: Arc<str>,
+    /// `{identity, method}`: the `auth` attribute itself.
+    auth: cel::Value,
 }
 
 impl Identity {
-    pub fn anonymous() -> Self {
+    pub fn new(method: &'static str, identity: cel::Value, label: Arc<str>) -> Self {
+        let auth = cel::map([
+            ("identity", identity.clone()),
+            ("method", cel::string(method)),
+        ]);
         Self {
-            method: "anonymous",
-            identity: cel::map(Vec::<(String, cel::Value)>::new()),
-            label: Arc::from("-"),
+            method,
+            identity,
+            label,
+            auth,
         }
     }
 
+    /// The caller with no credential (one shared value, cloned per request).
+    pub fn anonymous() -> Self {
+        static ANONYMOUS: std::sync::LazyLock<Identity> = std::sync::LazyLock::new(|| {
+            Identity::new(
+                "anonymous",
+                cel::map(Vec::<(String, cel::Value)>::new()),
+                Arc::from("-"),
+            )
+        });
+        ANONYMOUS.clone()
+    }
+
     pub fn to_cel(&self) -> cel::Value {
-        cel::map([
-            ("identity", self.identity.clone()),
-            ("method", cel::string(self.method)),
-        ])
+        self.auth.clone()
     }
 }
