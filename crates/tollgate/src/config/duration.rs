@@ -88,9 +88,9 @@ pub fn format_reset(ms: u64) -> String {
     if frac != 0 {
         // Milliseconds as a decimal fraction without trailing zeros: 1.5s, 1.05s, 1.005s.
         let digits = [frac / 100, frac / 10 % 10, frac % 10];
-        let used = if frac % 100 == 0 {
+        let used = if frac.is_multiple_of(100) {
             1
-        } else if frac % 10 == 0 {
+        } else if frac.is_multiple_of(10) {
             2
         } else {
             3
