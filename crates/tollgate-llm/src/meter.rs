@@ -35,7 +35,9 @@ use serde_json::Value;
 
 use crate::api::Api;
 use crate::sse::{SseEvent, SseScanner, DEFAULT_MAX_EVENT_BYTES};
-use crate::usage::{usage_from_body, usage_from_raw, usage_from_value, AnthropicUsage, Usage};
+use crate::usage::{
+    usage_from_body, usage_from_leading, usage_from_raw, usage_from_value, AnthropicUsage, Usage,
+};
 use crate::wire::{
     choice_value_tokens, part_tokens, raw_text_tokens, raw_to_u64, value_text_tokens, ChatChunk,
     MessageHead, MessagesEvent, ResponseHead, ResponsesEvent,
@@ -813,13 +815,13 @@ impl StreamState {
                     head.model.as_ref().map(|s| s.0.as_ref()),
                     None,
                 );
-                if let Some(first) = head.usage.and_then(|raw| self.anthropic_usage(raw)) {
+                if let Some(first) = head.usage.and_then(AnthropicUsage::from_raw) {
                     self.anthropic.merge(first);
                     self.usage = self.anthropic.normalise();
                 }
             }
             "message_delta" => {
-                if let Some(later) = ev.usage.and_then(|raw| self.anthropic_usage(raw)) {
+                if let Some(later) = ev.usage.and_then(AnthropicUsage::from_raw) {
                     self.anthropic.merge(later);
                     self.usage = self.anthropic.normalise();
                     self.usage_final = true;
@@ -829,10 +831,6 @@ impl StreamState {
             "error" => self.saw_error = true,
             _ => {}
         }
-    }
-
-    fn anthropic_usage(&self, raw: &serde_json::value::RawValue) -> Option<AnthropicUsage> {
-        AnthropicUsage::from_raw(raw)
     }
 }
 
@@ -928,11 +926,7 @@ fn usage_from_tail(api: Api, tail: &[u8]) -> Option<Usage> {
     let at = memmem::rfind(tail, b"\"usage\"")?;
     let rest = tail.get(at + b"\"usage\"".len()..)?.trim_ascii_start();
     let rest = rest.strip_prefix(b":")?;
-    let value = serde_json::Deserializer::from_slice(rest)
-        .into_iter::<Value>()
-        .next()?
-        .ok()?;
-    usage_from_value(api, &value)
+    usage_from_leading(api, rest)
 }
 
 /// Estimated generated tokens of a non-streamed response.

@@ -67,6 +67,17 @@ pub(crate) fn usage_from_raw(api: Api, usage: &RawValue) -> Option<Usage> {
         .normalise(api)
 }
 
+/// The usage in the first JSON value of `bytes` (whatever follows it is not read): the
+/// `usage` member found in a truncated body's tail.
+pub(crate) fn usage_from_leading(api: Api, bytes: &[u8]) -> Option<Usage> {
+    serde_json::Deserializer::from_slice(bytes)
+        .into_iter::<UsageObject>()
+        .next()?
+        .ok()?
+        .0?
+        .normalise(api)
+}
+
 /// A `usage` member: `Some` when it is a JSON object, `None` for anything else (`null`, a
 /// number, an array), which counts as no usage.
 #[derive(Debug, Default)]
@@ -225,9 +236,24 @@ fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
 
 /// Implements the visitor methods of a type that reads any JSON value and answers
 /// `$absent` for every kind of value it does not look into (objects are handled by each
-/// type itself).
+/// type itself; with `numbers`, numbers are absent too).
 macro_rules! lenient_visitor {
-    ($absent:expr) => {
+    ($ty:ty, $absent:expr, numbers) => {
+        lenient_visitor!($ty, $absent);
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($absent)
+        }
+    };
+    ($ty:ty, $absent:expr) => {
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            <$ty>::deserialize(d)
+        }
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
             Ok($absent)
         }
@@ -258,19 +284,7 @@ impl<'de> Deserialize<'de> for UsageObject {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a usage object")
             }
-            lenient_visitor!(UsageObject(None));
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<UsageObject, E> {
-                Ok(UsageObject(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<UsageObject, E> {
-                Ok(UsageObject(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<UsageObject, E> {
-                Ok(UsageObject(None))
-            }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<UsageObject, D::Error> {
-                UsageObject::deserialize(d)
-            }
+            lenient_visitor!(UsageObject, UsageObject(None), numbers);
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageObject, A::Error> {
                 let mut u = UsageFields::default();
                 while let Some(key) = map.next_key::<Key>()? {
@@ -322,19 +336,7 @@ impl<'de> Deserialize<'de> for Details {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a usage details object")
             }
-            lenient_visitor!(PRESENT);
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Details, E> {
-                Ok(PRESENT)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Details, E> {
-                Ok(PRESENT)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Details, E> {
-                Ok(PRESENT)
-            }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Details, D::Error> {
-                Details::deserialize(d)
-            }
+            lenient_visitor!(Details, PRESENT, numbers);
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Details, A::Error> {
                 let mut out = PRESENT;
                 while let Some(key) = map.next_key::<Key>()? {
@@ -367,7 +369,7 @@ impl<'de> Deserialize<'de> for Count {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a token count")
             }
-            lenient_visitor!(Count(None));
+            lenient_visitor!(Count, Count(None));
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
                 Ok(Count(Some(n)))
             }
@@ -376,9 +378,6 @@ impl<'de> Deserialize<'de> for Count {
             }
             fn visit_f64<E: de::Error>(self, f: f64) -> Result<Count, E> {
                 Ok(Count(whole_f64(f)))
-            }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Count, D::Error> {
-                Count::deserialize(d)
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
                 drain_map(map)?;
