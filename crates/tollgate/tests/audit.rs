@@ -127,23 +127,35 @@ async fn short_soak_books_balance_exactly() {
 async fn client_leaving_before_the_answer_is_settled_at_once() {
     let up = Upstream::start().await;
     let gw = Gateway::start(&config(up.addr));
-    let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(100))
-        .build()
-        .unwrap();
-    let r = impatient
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth("soak-k1")
-        .header("x-sim-latency-ms", "2000")
-        .header("x-request-id", "leaves-early")
-        .json(&chat_body(40))
-        .send()
-        .await;
-    assert!(r.is_err(), "the client should have given up");
+    // The client leaves once the upstream holds the request (it answers after 2 s), not
+    // after a wall-clock timeout: on a slow machine a timeout could fire before the
+    // gateway had even read the request, and then there would be nothing to settle.
+    let call = tokio::spawn(
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth("soak-k1")
+            .header("x-sim-latency-ms", "2000")
+            .header("x-request-id", "leaves-early")
+            .json(&chat_body(40))
+            .send(),
+    );
+    for _ in 0..1000 {
+        if up.served() > 0 || call.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.served(), 1, "the request never reached the upstream");
+    assert!(
+        !call.is_finished(),
+        "the answer came before the client left"
+    );
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
 
     // Settlement follows the client's going (bounded wait, no fixed sleep).
     let mut line = None;
-    for _ in 0..250 {
+    for _ in 0..500 {
         line = audit::access_lines(&gw.logs())
             .into_iter()
             .find(|l| l.id == "leaves-early");
