@@ -78,6 +78,17 @@ ensure_redis() {
 }
 ensure_redis
 
+# The venv and Chromium are fetched while the Rust suites build and run: both mostly
+# wait on the network and the disk (a fresh machine spent ~2 min here), the build on the CPU.
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+provision_log="$target_dir/python-setup.log"
+provision_pid=
+if [ $want_python -eq 1 ]; then
+  mkdir -p "$target_dir"
+  ( set -e; setup_venv; setup_browser ) >"$provision_log" 2>&1 &
+  provision_pid=$!
+fi
+
 status=0
 if [ $want_rust -eq 1 ]; then
   echo "== cargo nextest run --workspace"
@@ -85,11 +96,16 @@ if [ $want_rust -eq 1 ]; then
 fi
 
 if [ $want_python -eq 1 ]; then
-  setup_venv
-  setup_browser
+  echo "== waiting for the Python venv and Chromium"
+  if ! wait "$provision_pid"; then
+    cat "$provision_log" >&2
+    echo "setting up the Python tests failed (log above)" >&2
+    exit 1
+  fi
+  cat "$provision_log"
   echo "== building tollgate for the Python tests"
   cargo build -q -p tollgate
-  export TOLLGATE_BIN="$root/target/debug/tollgate"
+  export TOLLGATE_BIN="$target_dir/debug/tollgate"
   echo "== pytest tests/python"
   set +e
   "$root/.venv/bin/python" -m pytest -q tests/python
