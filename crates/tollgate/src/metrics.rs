@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -97,42 +97,62 @@ pub struct Metrics {
     id: u64,
 }
 
-/// Label sets a thread has seen, per (family, hash of the labels), with their counters:
+/// A metric handle the per-thread cache holds.
+#[derive(Clone)]
+enum Handle {
+    Counter(Counter),
+    Histogram(Histogram),
+}
+
+/// Label sets a thread has seen, per (family, hash of the labels), with their metric:
 /// counting a request looks its labels up here, borrowed, instead of building owned
-/// label strings for the family's own map. Bounded (cleared past [`HANDLES_MAX`]; the
-/// counters live on in their families).
-type Handles = HashMap<(u64, u64), Vec<(Box<[String]>, Counter)>>;
+/// label strings, hashing them with SipHash and taking the family's lock. Bounded (cleared
+/// past [`HANDLES_MAX`]; the metrics live on in their families). foldhash, not SipHash:
+/// every label is a config name or from a capped set (`model`), so no client can make
+/// the keys collide at will.
+type Handles = HashMap<(u64, u64), Vec<(Box<[String]>, Handle)>, foldhash::fast::FixedState>;
 
 const HANDLES_MAX: usize = 4096;
 
 thread_local! {
-    static HANDLES: RefCell<Handles> = RefCell::new(HashMap::new());
+    static HANDLES: RefCell<Handles> = RefCell::new(HashMap::default());
 }
 
-/// The counter of `family` (a unique id) for `labels`, made by `make` the first time this
-/// thread sees them.
-fn counter_for(family: u64, labels: &[&str], make: impl FnOnce() -> Counter) -> Counter {
-    let mut h = DefaultHasher::new();
-    labels.hash(&mut h);
-    let key = (family, h.finish());
+/// The families the cache serves; a [`Metrics`] instance's id tells instances apart.
+#[derive(Clone, Copy)]
+enum Fam {
+    Requests,
+    Tokens,
+    UpstreamLatency,
+    FirstToken,
+    StoreLatency,
+}
+
+/// The metric of `family` for `labels`, made by `make` the first time this thread sees
+/// them.
+fn handle_for(family: u64, labels: &[&str], make: impl FnOnce() -> Handle) -> Handle {
+    let key = (
+        family,
+        foldhash::fast::FixedState::default().hash_one(labels),
+    );
     HANDLES.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some(bucket) = cache.get(&key) {
-            for (seen, counter) in bucket {
+            for (seen, handle) in bucket {
                 if seen.iter().map(String::as_str).eq(labels.iter().copied()) {
-                    return counter.clone();
+                    return handle.clone();
                 }
             }
         }
-        let counter = make();
+        let handle = make();
         if cache.len() >= HANDLES_MAX {
             cache.clear();
         }
         cache.entry(key).or_default().push((
             labels.iter().map(|l| (*l).to_owned()).collect(),
-            counter.clone(),
+            handle.clone(),
         ));
-        counter
+        handle
     })
 }
 
@@ -331,7 +351,7 @@ impl Metrics {
                 other.as_str()
             }
         };
-        counter_for(self.id * 2, &[route, backend, class, decision], || {
+        self.counter(Fam::Requests, &[route, backend, class, decision], || {
             self.requests
                 .get_or_create(&RequestLabels {
                     route: route.to_owned(),
@@ -354,7 +374,7 @@ impl Metrics {
         ty: &str,
         n: u64,
     ) {
-        counter_for(self.id * 2 + 1, &[route, model, policy, limit, ty], || {
+        self.counter(Fam::Tokens, &[route, model, policy, limit, ty], || {
             self.tokens
                 .get_or_create(&TokenLabels {
                     route: route.to_owned(),
@@ -369,12 +389,62 @@ impl Metrics {
     }
 
     pub fn observe_store(&self, op: &str, d: Duration, ok: bool) {
-        let l = OpLabels { op: op.to_owned() };
-        self.store_latency
-            .get_or_create(&l)
-            .observe(d.as_secs_f64());
+        self.histogram(Fam::StoreLatency, &[op], || {
+            self.store_latency
+                .get_or_create(&OpLabels { op: op.to_owned() })
+                .clone()
+        })
+        .observe(d.as_secs_f64());
         if !ok {
-            self.store_errors.get_or_create(&l).inc();
+            self.store_errors
+                .get_or_create(&OpLabels { op: op.to_owned() })
+                .inc();
+        }
+    }
+
+    /// Time from sending the request upstream to the response head.
+    pub fn observe_upstream_latency(&self, route: &str, backend: &str, d: Duration) {
+        self.histogram(Fam::UpstreamLatency, &[route, backend], || {
+            self.upstream_latency
+                .get_or_create(&UpstreamLabels {
+                    route: route.to_owned(),
+                    backend: backend.to_owned(),
+                })
+                .clone()
+        })
+        .observe(d.as_secs_f64());
+    }
+
+    /// Time from sending the request upstream to the first streamed token.
+    pub fn observe_first_token(&self, route: &str, backend: &str, d: Duration) {
+        self.histogram(Fam::FirstToken, &[route, backend], || {
+            self.time_to_first_token
+                .get_or_create(&UpstreamLabels {
+                    route: route.to_owned(),
+                    backend: backend.to_owned(),
+                })
+                .clone()
+        })
+        .observe(d.as_secs_f64());
+    }
+
+    /// This instance's `family` in the per-thread handle cache.
+    fn cache_key(&self, family: Fam) -> u64 {
+        self.id * 8 + family as u64
+    }
+
+    fn counter(&self, family: Fam, labels: &[&str], make: impl Fn() -> Counter) -> Counter {
+        match handle_for(self.cache_key(family), labels, || Handle::Counter(make())) {
+            Handle::Counter(c) => c,
+            // A family holds one kind of metric; `make` gets the family's own.
+            Handle::Histogram(_) => make(),
+        }
+    }
+
+    fn histogram(&self, family: Fam, labels: &[&str], make: impl Fn() -> Histogram) -> Histogram {
+        match handle_for(self.cache_key(family), labels, || Handle::Histogram(make())) {
+            Handle::Histogram(h) => h,
+            Handle::Counter(_) => make(),
         }
     }
 
@@ -429,6 +499,62 @@ mod tests {
         );
         assert!(tb.contains("type=\"completion\"} 7"), "{tb}");
         assert!(!tb.contains("type=\"prompt\""), "{tb}");
+    }
+
+    #[test]
+    fn cached_histograms_observe_into_their_own_family_and_labels() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        let ms = Duration::from_millis(1);
+        for _ in 0..3 {
+            a.observe_store("admit", ms, true);
+            a.observe_upstream_latency("llm", "sim", ms);
+        }
+        a.observe_store("settle", ms, false);
+        a.observe_first_token("llm", "sim", ms);
+        b.observe_upstream_latency("llm", "other", ms);
+        b.observe_upstream_latency("llm", "other", ms);
+        let (ta, tb) = (a.encode(), b.encode());
+        let has = |t: &str, line: &str| t.lines().any(|l| l == line);
+        assert!(
+            has(&ta, "tollgate_store_latency_seconds_count{op=\"admit\"} 3"),
+            "{ta}"
+        );
+        assert!(
+            has(&ta, "tollgate_store_latency_seconds_count{op=\"settle\"} 1"),
+            "{ta}"
+        );
+        assert!(
+            has(&ta, "tollgate_store_errors_total{op=\"settle\"} 1"),
+            "{ta}"
+        );
+        assert!(
+            !ta.contains("tollgate_store_errors_total{op=\"admit\"}"),
+            "{ta}"
+        );
+        assert!(
+            has(
+                &ta,
+                "tollgate_upstream_latency_seconds_count{route=\"llm\",backend=\"sim\"} 3"
+            ),
+            "{ta}"
+        );
+        assert!(
+            has(
+                &ta,
+                "tollgate_time_to_first_token_seconds_count{route=\"llm\",backend=\"sim\"} 1"
+            ),
+            "{ta}"
+        );
+        assert!(!ta.contains("backend=\"other\""), "{ta}");
+        assert!(
+            has(
+                &tb,
+                "tollgate_upstream_latency_seconds_count{route=\"llm\",backend=\"other\"} 2"
+            ),
+            "{tb}"
+        );
+        assert!(!tb.contains("op=\""), "{tb}");
     }
 
     #[test]

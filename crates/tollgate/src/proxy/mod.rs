@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tollgate_limits::policy::LimitEvalError;
 use tollgate_limits::{Clock, Store};
 
-use crate::metrics::{LimitLabels, Metrics, UpstreamLabels};
+use crate::metrics::{LimitLabels, Metrics};
 use crate::runtime::Runtime;
 use crate::usage::UsageLedger;
 use upstream::UpstreamClient;
@@ -167,23 +167,11 @@ impl Stats {
     }
 
     pub fn upstream_latency(&self, route: &str, backend: &str, d: Duration) {
-        self.metrics
-            .upstream_latency
-            .get_or_create(&UpstreamLabels {
-                route: route.to_owned(),
-                backend: backend.to_owned(),
-            })
-            .observe(d.as_secs_f64());
+        self.metrics.observe_upstream_latency(route, backend, d);
     }
 
     pub fn first_token(&self, route: &str, backend: &str, d: Duration) {
-        self.metrics
-            .time_to_first_token
-            .get_or_create(&UpstreamLabels {
-                route: route.to_owned(),
-                backend: backend.to_owned(),
-            })
-            .observe(d.as_secs_f64());
+        self.metrics.observe_first_token(route, backend, d);
     }
 }
 
