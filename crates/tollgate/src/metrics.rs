@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::thread::LocalKey;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -97,25 +98,19 @@ pub struct Metrics {
     id: u64,
 }
 
-/// A metric handle the per-thread cache holds.
-#[derive(Clone)]
-enum Handle {
-    Counter(Counter),
-    Histogram(Histogram),
-}
-
 /// Label sets a thread has seen, per (family, hash of the labels), with their metric:
 /// counting a request looks its labels up here, borrowed, instead of building owned
 /// label strings, hashing them with SipHash and taking the family's lock. Bounded (cleared
 /// past [`HANDLES_MAX`]; the metrics live on in their families). foldhash, not SipHash:
 /// every label is a config name or from a capped set (`model`), so no client can make
 /// the keys collide at will.
-type Handles = HashMap<(u64, u64), Vec<(Box<[String]>, Handle)>, foldhash::fast::FixedState>;
+type Handles<M> = HashMap<(u64, u64), Vec<(Box<[String]>, M)>, foldhash::fast::FixedState>;
 
 const HANDLES_MAX: usize = 4096;
 
 thread_local! {
-    static HANDLES: RefCell<Handles> = RefCell::new(HashMap::default());
+    static COUNTERS: RefCell<Handles<Counter>> = RefCell::new(HashMap::default());
+    static HISTOGRAMS: RefCell<Handles<Histogram>> = RefCell::new(HashMap::default());
 }
 
 /// The families the cache serves; a [`Metrics`] instance's id tells instances apart.
@@ -128,31 +123,36 @@ enum Fam {
     StoreLatency,
 }
 
-/// The metric of `family` for `labels`, made by `make` the first time this thread sees
-/// them.
-fn handle_for(family: u64, labels: &[&str], make: impl FnOnce() -> Handle) -> Handle {
+/// The metric of `family` for `labels` in this thread's `cache`, made by `make` the first
+/// time this thread sees them.
+fn cached<M: Clone + 'static>(
+    cache: &'static LocalKey<RefCell<Handles<M>>>,
+    family: u64,
+    labels: &[&str],
+    make: impl FnOnce() -> M,
+) -> M {
     let key = (
         family,
         foldhash::fast::FixedState::default().hash_one(labels),
     );
-    HANDLES.with(|cache| {
+    cache.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some(bucket) = cache.get(&key) {
-            for (seen, handle) in bucket {
+            for (seen, metric) in bucket {
                 if seen.iter().map(String::as_str).eq(labels.iter().copied()) {
-                    return handle.clone();
+                    return metric.clone();
                 }
             }
         }
-        let handle = make();
+        let metric = make();
         if cache.len() >= HANDLES_MAX {
             cache.clear();
         }
         cache.entry(key).or_default().push((
             labels.iter().map(|l| (*l).to_owned()).collect(),
-            handle.clone(),
+            metric.clone(),
         ));
-        handle
+        metric
     })
 }
 
@@ -404,21 +404,36 @@ impl Metrics {
 
     /// Time from sending the request upstream to the response head.
     pub fn observe_upstream_latency(&self, route: &str, backend: &str, d: Duration) {
-        self.histogram(Fam::UpstreamLatency, &[route, backend], || {
-            self.upstream_latency
-                .get_or_create(&UpstreamLabels {
-                    route: route.to_owned(),
-                    backend: backend.to_owned(),
-                })
-                .clone()
-        })
-        .observe(d.as_secs_f64());
+        self.observe_upstream(
+            Fam::UpstreamLatency,
+            &self.upstream_latency,
+            route,
+            backend,
+            d,
+        );
     }
 
     /// Time from sending the request upstream to the first streamed token.
     pub fn observe_first_token(&self, route: &str, backend: &str, d: Duration) {
-        self.histogram(Fam::FirstToken, &[route, backend], || {
-            self.time_to_first_token
+        self.observe_upstream(
+            Fam::FirstToken,
+            &self.time_to_first_token,
+            route,
+            backend,
+            d,
+        );
+    }
+
+    fn observe_upstream(
+        &self,
+        fam: Fam,
+        family: &Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+        route: &str,
+        backend: &str,
+        d: Duration,
+    ) {
+        self.histogram(fam, &[route, backend], || {
+            family
                 .get_or_create(&UpstreamLabels {
                     route: route.to_owned(),
                     backend: backend.to_owned(),
@@ -428,24 +443,22 @@ impl Metrics {
         .observe(d.as_secs_f64());
     }
 
-    /// This instance's `family` in the per-thread handle cache.
+    /// This instance's `family` in the per-thread handle caches.
     fn cache_key(&self, family: Fam) -> u64 {
         self.id * 8 + family as u64
     }
 
-    fn counter(&self, family: Fam, labels: &[&str], make: impl Fn() -> Counter) -> Counter {
-        match handle_for(self.cache_key(family), labels, || Handle::Counter(make())) {
-            Handle::Counter(c) => c,
-            // A family holds one kind of metric; `make` gets the family's own.
-            Handle::Histogram(_) => make(),
-        }
+    fn counter(&self, family: Fam, labels: &[&str], make: impl FnOnce() -> Counter) -> Counter {
+        cached(&COUNTERS, self.cache_key(family), labels, make)
     }
 
-    fn histogram(&self, family: Fam, labels: &[&str], make: impl Fn() -> Histogram) -> Histogram {
-        match handle_for(self.cache_key(family), labels, || Handle::Histogram(make())) {
-            Handle::Histogram(h) => h,
-            Handle::Counter(_) => make(),
-        }
+    fn histogram(
+        &self,
+        family: Fam,
+        labels: &[&str],
+        make: impl FnOnce() -> Histogram,
+    ) -> Histogram {
+        cached(&HISTOGRAMS, self.cache_key(family), labels, make)
     }
 
     pub fn encode(&self) -> String {

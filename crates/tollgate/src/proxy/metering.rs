@@ -380,7 +380,8 @@ impl ChunkMeter for CallMeter {
             if matches!(self.wire, Wire::Stream(_)) {
                 let s = &self.settle;
                 s.gw.stats
-                    .first_token(&s.route, &s.backend, s.started.elapsed());
+                    .metrics
+                    .observe_first_token(&s.route, &s.backend, s.started.elapsed());
             }
         }
         let out = match &mut self.wire {

@@ -165,14 +165,6 @@ impl Stats {
     pub fn reservation_overshoot(&self, tokens: u64) {
         self.metrics.reservation_overshoot_tokens.inc_by(tokens);
     }
-
-    pub fn upstream_latency(&self, route: &str, backend: &str, d: Duration) {
-        self.metrics.observe_upstream_latency(route, backend, d);
-    }
-
-    pub fn first_token(&self, route: &str, backend: &str, d: Duration) {
-        self.metrics.observe_first_token(route, backend, d);
-    }
 }
 
 /// How the counter store is doing, for `/readyz`, `/admin/status` and the dashboard.

@@ -1045,8 +1045,11 @@ where
             return Err((Some(cx), e));
         }
     };
-    gw.stats
-        .upstream_latency(&route.name, &backend.name, upstream_started.elapsed());
+    gw.stats.metrics.observe_upstream_latency(
+        &route.name,
+        &backend.name,
+        upstream_started.elapsed(),
+    );
 
     settle.status = resp_parts.status.as_u16();
     let is_sse = resp_parts
