@@ -403,13 +403,8 @@ impl WorkerPool {
         for i in 0..workers {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            let ei: u32 = std::env::var("TG_EI")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(61);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .event_interval(ei)
                 .build()?;
             let gw = gw.clone();
             std::thread::Builder::new()

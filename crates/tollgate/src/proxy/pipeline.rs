@@ -289,8 +289,8 @@ fn locate(
     started: Instant,
 ) -> Result<RequestContext, GatewayError> {
     check_header_limits(&rt.limits, &parts.headers)?;
-    let raw_path = parts.uri.path().to_owned();
-    let path = canonicalize(&raw_path).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    let path =
+        canonicalize(parts.uri.path()).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     let host = parts
         .headers
         .get(HOST)
@@ -326,8 +326,7 @@ fn locate(
         raw_path: parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or(raw_path),
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
         path,
         query: parts.uri.query().map(str::to_owned),
         host,
