@@ -19,6 +19,12 @@
 #                     replicas on Redis)
 #   --jwt             add a row: JWT auth (the Gloo seed's token, cached verification)
 #                     and three token tiers (minute/hour/day) per `sub`
+#   --floors          add two reference rows that split tollgate's cost: the HTTP stack's floor
+#                     (tollgate-floor: hyper server + pooled hyper client on tollgate's thread
+#                     model, no gateway work at all) and tollgate with no auth and no policies
+#                     (routing, request inspection and metering only); with --redis also the
+#                     floor making one Redis read per request (tollgate-floor --redis), measured
+#                     beside memory vs Redis: what any Redis-backed check costs on this machine
 #   --no-build        do not run cargo; use the release binaries already built
 #   --access-log      turn on tollgate's access log (and nginx's) instead of leaving both off
 #
@@ -59,6 +65,7 @@ USE_NGINX=1
 USE_GATEWAY=1
 USE_REDIS=0
 USE_JWT=0
+USE_FLOORS=0
 BUILD=1
 ACCESS_LOG=0
 for arg in "$@"; do
@@ -69,6 +76,7 @@ for arg in "$@"; do
     --no-gateway) USE_GATEWAY=0 ;;
     --redis) USE_REDIS=1 ;;
     --jwt) USE_JWT=1 ;;
+    --floors) USE_FLOORS=1 ;;
     --no-build) BUILD=0 ;;
     --access-log) ACCESS_LOG=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -90,6 +98,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release
 TOLLGATE=$BIN/tollgate
 LOAD=$BIN/tollgate-load
+FLOOR=$BIN/tollgate-floor
 AUTH_HEADER="Authorization: APIKEY iamafreeuser"
 
 log() { printf '%s\n' "$*" >&2; }
@@ -151,6 +160,7 @@ if [[ $BUILD == 1 ]]; then
   fi
 fi
 [[ -x $LOAD ]] || die "$LOAD not found (build it, or set CARGO_TARGET_DIR)"
+[[ $USE_FLOORS == 0 || -x $FLOOR ]] || die "$FLOOR not found (build it, or set CARGO_TARGET_DIR)"
 if [[ $USE_GATEWAY == 1 || -z ${SIM_CMD:-} ]]; then
   [[ -x $TOLLGATE ]] || die "$TOLLGATE not found (build it, or set CARGO_TARGET_DIR)"
 fi
@@ -280,6 +290,28 @@ EOF
   wait_http "http://127.0.0.1:$NGINX_PORT/v1/models" "nginx" "$TMP/nginx/error.log"
 fi
 
+if [[ $USE_GATEWAY == 1 && $USE_FLOORS == 1 ]]; then
+  # The quickstart bench config without its auth and policies sections.
+  sed -e '/^auth:/,$d' -e "s/127\.0\.0\.1:8000/127.0.0.1:$SIM_PORT/" \
+    "$ROOT/bench/quickstart-bench.yaml" >"$TMP/tollgate-plain.yaml"
+  start_gateway tollgate-plain "$TMP/tollgate-plain.yaml"
+fi
+FLOOR_PORT=""
+if [[ $USE_FLOORS == 1 ]]; then
+  FLOOR_PORT=$(free_port)
+  "$FLOOR" --listen "127.0.0.1:$FLOOR_PORT" --upstream "127.0.0.1:$SIM_PORT" >"$TMP/floor.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$FLOOR_PORT/v1/models" "tollgate-floor" "$TMP/floor.log"
+fi
+FLOOR_REDIS_PORT=""
+if [[ $USE_FLOORS == 1 && $USE_REDIS == 1 ]]; then
+  FLOOR_REDIS_PORT=$(free_port)
+  "$FLOOR" --listen "127.0.0.1:$FLOOR_REDIS_PORT" --upstream "127.0.0.1:$SIM_PORT" \
+    --redis redis://127.0.0.1:6379 --redis-key "tgbench-$$-floor" >"$TMP/floor-redis.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$FLOOR_REDIS_PORT/v1/models" "tollgate-floor --redis" "$TMP/floor-redis.log"
+fi
+
 # ---------------------------------------------------------------- requests
 if [[ $MODE == stream ]]; then
   BODY="{\"model\":\"sim\",\"messages\":[{\"role\":\"user\",\"content\":\"Tell me a long story about a toll gate\"}],\"max_tokens\":$STREAM_TOKENS,\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
@@ -307,7 +339,7 @@ check_target() {
 
 TARGETS=(direct)
 declare -A URL=([direct]="http://127.0.0.1:$SIM_PORT$PATH_")
-declare -A LABEL=([direct]="direct (tollgate sim)" [tollgate]="tollgate (quickstart policies)" [nginx]="nginx (reverse proxy)" [tollgate-redis]="tollgate on Redis" [tollgate-jwt]="tollgate JWT + 3 tiers")
+declare -A LABEL=([direct]="direct (tollgate sim)" [tollgate]="tollgate (quickstart policies)" [nginx]="nginx (reverse proxy)" [tollgate-redis]="tollgate on Redis" [tollgate-jwt]="tollgate JWT + 3 tiers" [tollgate-plain]="tollgate, no auth/policies" [floor]="hyper floor (tollgate-floor)" [floor-redis]="hyper floor + 1 Redis read")
 declare -A AUTHH
 if [[ -n $GW_PORT ]]; then TARGETS+=(tollgate); URL[tollgate]="http://127.0.0.1:$GW_PORT$PATH_"; fi
 for g in tollgate-redis tollgate-jwt; do
@@ -318,6 +350,9 @@ if [[ -n ${GWPORT[tollgate-jwt]:-} ]]; then
 fi
 auth_for() { printf '%s' "${AUTHH[$1]:-$AUTH_HEADER}"; }
 if [[ -n $NGINX_PORT ]]; then TARGETS+=(nginx); URL[nginx]="http://127.0.0.1:$NGINX_PORT$PATH_"; fi
+if [[ -n ${GWPORT[tollgate-plain]:-} ]]; then TARGETS+=(tollgate-plain); URL[tollgate-plain]="http://127.0.0.1:${GWPORT[tollgate-plain]}$PATH_"; fi
+if [[ -n $FLOOR_PORT ]]; then TARGETS+=(floor); URL[floor]="http://127.0.0.1:$FLOOR_PORT$PATH_"; fi
+if [[ -n $FLOOR_REDIS_PORT ]]; then TARGETS+=(floor-redis); URL[floor-redis]="http://127.0.0.1:$FLOOR_REDIS_PORT$PATH_"; fi
 for t in "${TARGETS[@]}"; do check_target "$t" "${URL[$t]}"; done
 
 # ---------------------------------------------------------------- measuring
@@ -377,7 +412,9 @@ if [[ $MODE == table ]]; then
   if [[ -n ${GWPORT[tollgate-redis]:-} && -n $GW_PORT ]]; then
     RRATE=${REDIS_RATE:-$(awk -v r="${RPS[sat_tollgate-redis]}" 'BEGIN { printf "%d", r / 2 }')}
     [[ $RRATE -ge 1 ]] || RRATE=1
-    for t in tollgate tollgate-redis; do
+    RPAIR=(tollgate tollgate-redis)
+    [[ -n $FLOOR_REDIS_PORT ]] && RPAIR+=(floor floor-redis)
+    for t in "${RPAIR[@]}"; do
       log "fixed load $RRATE req/s (memory vs Redis), $t..."
       measure "fixr_$t" "${URL[$t]}" "$RRATE"
     done
@@ -403,7 +440,7 @@ if [[ $MODE == table ]]; then
     echo
     echo "memory vs Redis counters (same policies; Redis on 127.0.0.1:6379, sharing the cores):"
     printf '%-32s %-24s %10s %10s %10s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "failed/unsent"
-    for t in tollgate tollgate-redis; do
+    for t in "${RPAIR[@]}"; do
       k=fixr_$t
       printf '%-32s %-24s %10s %10s %10s %6s\n' "${LABEL[$t]}" "fixed $RRATE req/s" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "${BAD[$k]}"
     done
@@ -412,6 +449,11 @@ if [[ $MODE == table ]]; then
         -v r99="${P99[fixr_tollgate-redis]}" -v m99="${P99[fixr_tollgate]}" 'BEGIN {
       printf "Redis keeps %.1f%% of memory-mode throughput at saturation; at the fixed load Redis adds %+d us at p50, %+d us at p99\n",
         100 * rs / ms, r50 - m50, r99 - m99 }'
+    if [[ -n $FLOOR_REDIS_PORT ]]; then
+      awk -v r50="${P50[fixr_floor-redis]}" -v m50="${P50[fixr_floor]}" \
+          -v r99="${P99[fixr_floor-redis]}" -v m99="${P99[fixr_floor]}" 'BEGIN {
+        printf "the hyper floor'"'"'s one Redis read per request adds %+d us at p50, %+d us at p99 at the same load\n", r50 - m50, r99 - m99 }'
+    fi
   fi
 else
   for t in "${TARGETS[@]}"; do
