@@ -57,6 +57,21 @@ tollgate_limits::store_suite!(redis, prefix = format!("{}/single/", run_id()), |
         .unwrap()
 });
 
+// The same contract with settlements held and added up before they are written
+// (`storage.redis.batching`): a settlement still returns only once it is written.
+tollgate_limits::store_suite!(
+    redis_batching,
+    prefix = format!("{}/batching/", run_id()),
+    || async {
+        RedisStore::connect(RedisConfig {
+            batch_interval_ms: 2,
+            ..config(Some(SHARED_URL.into()), None)
+        })
+        .await
+        .unwrap()
+    }
+);
+
 tollgate_limits::store_suite!(
     redis_cluster,
     prefix = format!("{}/cluster/", run_id()),
@@ -1112,4 +1127,169 @@ async fn concurrent_plain_charges_land_exactly_once() {
             .unwrap();
         assert_eq!(snapshots(a)[0].value, want, "counter {i}");
     }
+}
+
+/// With batching, many requests' charges to a few counters are added up locally and
+/// still land exactly once each.
+#[tokio::test]
+async fn batched_plain_charges_add_up_exactly() {
+    let store = std::sync::Arc::new(
+        RedisStore::connect(RedisConfig {
+            batch_interval_ms: 20,
+            ..config(Some(SHARED_URL.into()), None)
+        })
+        .await
+        .unwrap(),
+    );
+    let now = SystemClock.now_ms();
+    let base = format!("{}/batched/", run_id());
+    let ops: Vec<CounterOp> = (0..3)
+        .map(|i| CounterOp {
+            need: Need::Room,
+            ..fixed(&format!("{base}c{i}"), 1_000_000, 0, 0)
+        })
+        .collect();
+    let mut calls = Vec::new();
+    for n in 0..300u64 {
+        let store = store.clone();
+        let op = ops[(n % 3) as usize].clone();
+        calls.push(async move {
+            let r = rid();
+            let a = store
+                .admit(now, std::slice::from_ref(&op), r, 0)
+                .await
+                .unwrap();
+            store
+                .settle(now, &settlements(&[op], &a, r, n + 1))
+                .await
+                .unwrap();
+        });
+    }
+    futures_util::future::join_all(calls).await;
+    for (i, op) in ops.iter().enumerate() {
+        let want: u64 = (0..300u64)
+            .filter(|n| n % 3 == i as u64)
+            .map(|n| n + 1)
+            .sum();
+        assert_eq!(
+            value_of(store.as_ref(), now, op).await.0,
+            want,
+            "counter {i}"
+        );
+    }
+}
+
+/// A full batch is written at once, not at the end of its interval: with a 60 s interval
+/// and room for 8, eight concurrent charges are written (and their settle calls return)
+/// long before the interval could end.
+#[tokio::test]
+async fn a_full_batch_does_not_wait_for_its_interval() {
+    let store = std::sync::Arc::new(
+        RedisStore::connect(RedisConfig {
+            batch_interval_ms: 60_000,
+            batch_max: 8,
+            // The waiters' bound is 2 x timeout + interval; keep it above the test's.
+            timeout_ms: 2_000,
+            ..config(Some(SHARED_URL.into()), None)
+        })
+        .await
+        .unwrap(),
+    );
+    let now = SystemClock.now_ms();
+    let op = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{}/full-batch/c", run_id()), 1_000_000, 0, 0)
+    };
+    let calls = (1..=8u64).map(|n| {
+        let store = store.clone();
+        let op = op.clone();
+        async move {
+            let r = rid();
+            let a = store
+                .admit(now, std::slice::from_ref(&op), r, 0)
+                .await
+                .unwrap();
+            store.settle(now, &settlements(&[op], &a, r, n)).await
+        }
+    });
+    let results = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("a full batch waited for its 60 s interval");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(value_of(store.as_ref(), now, &op).await.0, 36);
+}
+
+/// Batching is refused on a cluster (charges there go through per-slot scripts), before
+/// anything connects.
+#[test]
+fn batching_is_refused_on_a_cluster() {
+    let cfg = RedisConfig {
+        batch_interval_ms: 5,
+        ..config(None, Some(vec!["redis://127.0.0.1:1".into()]))
+    };
+    match RedisStore::new_lazy(cfg) {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("cluster"), "{msg}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("batching accepted on a cluster"),
+    }
+}
+
+/// A replica's own held charges count in its own after-mode checks at once; Redis (and
+/// so another replica) sees them only when they are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_charges_count_in_this_replicas_checks() {
+    let batched = std::sync::Arc::new(
+        RedisStore::connect(RedisConfig {
+            batch_interval_ms: 60_000,
+            ..config(Some(SHARED_URL.into()), None)
+        })
+        .await
+        .unwrap(),
+    );
+    let other = RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap();
+    let now = SystemClock.now_ms();
+    let op = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{}/held/c", run_id()), 10, 0, 0)
+    };
+    let r = rid();
+    let a = batched
+        .admit(now, std::slice::from_ref(&op), r, 0)
+        .await
+        .unwrap();
+    assert!(matches!(a, Admission::Admitted { .. }));
+    // Held for a minute: the settle call itself waits for the write.
+    let settling = {
+        let store = batched.clone();
+        let s = settlements(std::slice::from_ref(&op), &a, r, 10);
+        tokio::spawn(async move { store.settle(now, &s).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = batched
+            .admit(now, std::slice::from_ref(&op), rid(), 0)
+            .await
+            .unwrap();
+        if matches!(a, Admission::Refused(_)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held charge of 10 never counted against the limit of 10"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Not written yet: the other replica still sees room.
+    let seen = other
+        .admit(now, std::slice::from_ref(&op), rid(), 0)
+        .await
+        .unwrap();
+    assert!(matches!(seen, Admission::Admitted { .. }), "{seen:?}");
+    assert!(!settling.is_finished());
+    settling.abort();
 }

@@ -5,7 +5,8 @@
 //! ~100-token calls against a 1,000-token/minute budget until refused, for `after`
 //! (charge after the call) and `reserve` (hold an estimate at admission) accounting.
 //! Then the same with three gateway replicas sharing one budget on Redis
-//! (127.0.0.1:6379), clients spread over the replicas.
+//! (127.0.0.1:6379), clients spread over the replicas, without and with settlements batched
+//! (`storage.redis.batching`).
 //! Prints: mode, replicas, limit, concurrency, requests admitted, tokens admitted, ÷ limit.
 //!
 //!   cargo bench -p tollgate --bench accuracy
@@ -67,11 +68,20 @@ fn rand_id() -> u128 {
         .as_nanos()
 }
 
-async fn run(mode: &str, upstream: std::net::SocketAddr, replicas: usize) -> (u64, u64) {
-    // Replicas share counters through Redis (127.0.0.1:6379, a prefix of this run's own).
+async fn run(
+    mode: &str,
+    upstream: std::net::SocketAddr,
+    replicas: usize,
+    batching: Option<&str>,
+) -> (u64, u64) {
+    // Replicas share counters through Redis (127.0.0.1:6379, a prefix of this run's own),
+    // optionally with settlements batched (`storage.redis.batching.flush_interval`).
+    let batching = batching
+        .map(|i| format!("    batching: {{ flush_interval: {i} }}\n"))
+        .unwrap_or_default();
     let storage = if replicas > 1 {
         format!(
-            "storage:\n  kind: redis\n  redis:\n    url: redis://127.0.0.1:6379\n    key_prefix: tgbench-acc-{}-{mode}\n    timeout: 500ms\n  on_error: fail_closed\n",
+            "storage:\n  kind: redis\n  redis:\n    url: redis://127.0.0.1:6379\n    key_prefix: tgbench-acc-{}-{mode}\n    timeout: 500ms\n{batching}  on_error: fail_closed\n",
             rand_id() % 1_000_000_000
         )
     } else {
@@ -162,9 +172,21 @@ fn main() {
         println!("accuracy: {CONCURRENCY} concurrent clients, ~100-token calls (max_tokens 90), one {LIMIT}-token window, upstream latency 50 ms");
         println!("| accounting | replicas (store) | limit | concurrency | requests admitted | tokens admitted | tokens ÷ limit |");
         println!("|---|---|---|---|---|---|---|");
-        for (mode, replicas) in [("after", 1), ("reserve", 1), ("after", 3), ("reserve", 3)] {
-            let (n, tokens) = run(mode, addr, replicas).await;
-            let store = if replicas > 1 { "redis" } else { "memory" };
+        for (mode, replicas, batching) in [
+            ("after", 1, None),
+            ("reserve", 1, None),
+            ("after", 3, None),
+            ("reserve", 3, None),
+            ("after", 3, Some("5ms")),
+            ("after", 3, Some("100ms")),
+            ("reserve", 3, Some("100ms")),
+        ] {
+            let (n, tokens) = run(mode, addr, replicas, batching).await;
+            let store = match (replicas, batching) {
+                (1, _) => "memory".to_owned(),
+                (_, None) => "redis".to_owned(),
+                (_, Some(i)) => format!("redis, batching {i}"),
+            };
             println!(
                 "| {mode} | {replicas} ({store}) | {LIMIT} | {CONCURRENCY} | {n} | {tokens} | {:.2} |",
                 tokens as f64 / LIMIT as f64

@@ -352,6 +352,10 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
 /// The counter store the config asks for: in-process memory, or Redis (single node or
 /// cluster) behind a local fallback that follows `storage.on_error`, with the counters of
 /// `scope: replica` policies kept in process beside it.
+/// `storage.redis.batching.flush_interval` when batching is on but the interval is not
+/// given.
+const DEFAULT_BATCH_INTERVAL_MS: u64 = 5;
+
 fn build_store(
     rt: &Runtime,
 ) -> anyhow::Result<(Arc<dyn tollgate_limits::Store>, crate::proxy::StoreHealth)> {
@@ -387,6 +391,16 @@ fn build_store(
                 settle_grace_ms: grace,
                 sweep_scan_interval_ms: defaults.sweep_scan_interval_ms,
                 tls: rt.redis_tls.clone(),
+                batch_interval_ms: r.batching.as_ref().map_or(0, |b| {
+                    b.flush_interval
+                        .as_ref()
+                        .map_or(DEFAULT_BATCH_INTERVAL_MS, |d| d.as_millis_u64())
+                }),
+                batch_max: r
+                    .batching
+                    .as_ref()
+                    .and_then(|b| b.max_batch)
+                    .unwrap_or(defaults.batch_max),
             };
             // Lazy: the gateway starts (and follows on_error) while Redis is away, and
             // connects by itself when it answers.

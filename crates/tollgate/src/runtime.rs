@@ -235,6 +235,31 @@ impl Runtime {
                 client_cert_pem: pem.cert,
                 client_key_pem: pem.key,
             });
+        if let Some((redis, batching)) = cfg
+            .storage
+            .redis
+            .as_ref()
+            .and_then(|r| r.batching.as_ref().map(|b| (r, b)))
+        {
+            if redis.cluster.as_ref().is_some_and(|c| !c.is_empty()) {
+                b.err(
+                    "storage.redis.batching",
+                    "batching is for a single Redis node (url), not a cluster",
+                );
+            }
+            if let Some(d) = &batching.flush_interval {
+                let ms = d.as_millis_u64();
+                if !(1..=1_000).contains(&ms) {
+                    b.err(
+                        "storage.redis.batching.flush_interval",
+                        format!("must be between 1ms and 1s, not {ms}ms"),
+                    );
+                }
+            }
+            if batching.max_batch == Some(0) {
+                b.err("storage.redis.batching.max_batch", "must be at least 1");
+            }
+        }
         if admin_token.is_none() && admin_listen.is_some_and(|a| !a.ip().is_loopback()) {
             b.warn(
                 "admin.listen",

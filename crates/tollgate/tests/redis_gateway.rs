@@ -493,3 +493,86 @@ async fn sigterm_waits_for_settlements_on_their_way_to_redis() {
         "the settlement written during shutdown is on the counter"
     );
 }
+
+/// `storage.redis.batching`: two replicas hold their after-mode settlements up to the
+/// flush interval and write each counter's sum in one call. Every token still lands
+/// (both replicas read the same total), and a gateway told to stop writes what it holds.
+#[tokio::test]
+async fn batched_settlements_all_land_and_are_written_at_shutdown() {
+    let up = Upstream::start().await;
+    let p = prefix("batching");
+    let t0 = near_now();
+    // After-the-fact accounting, and a 300 ms interval: long enough that shutdown
+    // finds settlements still held.
+    let cfg = config(
+        up.addr,
+        "redis://127.0.0.1:6379",
+        &p,
+        "fail_closed",
+        1_000_000,
+    )
+    .replace("    accounting: reserve\n", "")
+    .replace(
+        "    connect_timeout: 200ms\n",
+        "    connect_timeout: 200ms\n    batching: { flush_interval: 300ms, max_batch: 1000 }\n",
+    );
+    let mut gws: Vec<Gateway> = (0..2).map(|_| Gateway::start_at(&cfg, &[], t0)).collect();
+    let c = client();
+    let mut total = 0u64;
+    for i in 0..40u64 {
+        let g = &gws[(i % 2) as usize];
+        let r = c
+            .post(g.url("/v1/chat/completions"))
+            .header("authorization", "Bearer k1")
+            .json(&chat(1 + i % 7))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        total += r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+            .as_u64()
+            .unwrap();
+    }
+    // Written within an interval or so; wait for it without assuming how long.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = [
+            gws[0].counter_value("tok/user/3600000/u1", None).await,
+            gws[1].counter_value("tok/user/3600000/u1", None).await,
+        ];
+        if seen == [Some(total), Some(total)] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counters {seen:?}, want {total} on both replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Calls whose settlements are still held when the gateway is told to stop.
+    let mut more = 0u64;
+    for _ in 0..5 {
+        let r = c
+            .post(gws[0].url("/v1/chat/completions"))
+            .header("authorization", "Bearer k1")
+            .json(&chat(3))
+            .send()
+            .await
+            .unwrap();
+        more += r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+            .as_u64()
+            .unwrap();
+    }
+    let mut g0 = gws.remove(0);
+    g0.signal("TERM");
+    let (st, _g0) = tokio::task::spawn_blocking(move || (g0.child.wait().unwrap(), g0))
+        .await
+        .unwrap();
+    assert!(st.success(), "exit status {st:?}");
+    assert_eq!(
+        gws[0].counter_value("tok/user/3600000/u1", None).await,
+        Some(total + more),
+        "settlements held at shutdown were written"
+    );
+}

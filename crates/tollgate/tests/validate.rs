@@ -161,3 +161,28 @@ fn backend_tls_needs_https_readable_files_and_pairs() {
         "{out}"
     );
 }
+
+#[test]
+fn redis_batching_is_bounded_and_single_node() {
+    let (code, out) = validate(&format!(
+        "storage:\n  kind: redis\n  redis:\n    cluster: [redis://127.0.0.1:7000]\n    batching:\n      flush_interval: 2s\n      max_batch: 0\n{GOOD_HEAD}"
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("storage.redis.batching"), "{out}");
+    assert!(out.contains("not a cluster"), "{out}");
+    assert!(
+        out.contains("storage.redis.batching.flush_interval") && out.contains("between 1ms and 1s"),
+        "{out}"
+    );
+    assert!(out.contains("storage.redis.batching.max_batch"), "{out}");
+    // A typo in the section is named, not ignored.
+    let (code, out) = validate(&format!(
+        "storage:\n  kind: redis\n  redis:\n    batching: {{ flush_intervall: 5ms }}\n{GOOD_HEAD}"
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("flush_intervall"), "{out}");
+    let (code, out) = validate(&format!(
+        "storage:\n  kind: redis\n  redis:\n    url: redis://127.0.0.1:6379\n    batching: {{ flush_interval: 5ms }}\n{GOOD_HEAD}"
+    ));
+    assert_eq!(code, 0, "{out}");
+}

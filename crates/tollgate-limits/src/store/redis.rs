@@ -122,6 +122,14 @@ pub struct RedisConfig {
     /// Certificates for `rediss://` nodes (the caller reads the files).
     #[serde(skip)]
     pub tls: Option<RedisTls>,
+    /// Optional pre-aggregation of plain charges (after-mode settlements) on a single
+    /// node: each proxy thread holds them up to this long, adds up those of one counter,
+    /// and writes them in one call. 0 = off: a charge is sent as soon as no call of its
+    /// thread is out. See [`RedisConfig::batch_max`] and the README's trade-off.
+    pub batch_interval_ms: u64,
+    /// With batching on, a thread writes as soon as this many charges wait, before the
+    /// interval is up (bounds one call's size).
+    pub batch_max: usize,
 }
 
 /// PEM material for TLS to Redis: a private CA to trust instead of the system's roots,
@@ -180,6 +188,8 @@ impl Default for RedisConfig {
             settle_grace_ms: 300_000,
             sweep_scan_interval_ms: 60_000,
             tls: None,
+            batch_interval_ms: 0,
+            batch_max: 1_000,
         }
     }
 }
@@ -215,6 +225,11 @@ pub struct RedisStore {
     conns: Box<[tokio::sync::OnceCell<Conn>]>,
     /// Plain charges waiting to be sent, per proxy thread.
     charges: Box<[ChargeBatch]>,
+    /// `Some` when plain charges are held and added up before they are sent.
+    batching: Option<Batching>,
+    /// With batching: per counter-window key, the charges this replica holds (queued or
+    /// being written), which its own read-only admissions add to what Redis says.
+    held: dashmap::DashMap<String, u64>,
     book: Mutex<HoldBook>,
     outstanding: AtomicU64,
     tallies: Tallies,
@@ -307,7 +322,18 @@ impl RedisStore {
                 (Target::Single(client, config), false)
             }
         };
+        if cluster && cfg.batch_interval_ms > 0 {
+            return Err(StoreError::Unavailable(
+                "redis config: batching is for a single node (url), not a cluster".into(),
+            ));
+        }
+        let batching = (cfg.batch_interval_ms > 0).then(|| Batching {
+            interval: Duration::from_millis(cfg.batch_interval_ms),
+            max: cfg.batch_max.max(1),
+        });
         Ok(RedisStore {
+            batching,
+            held: dashmap::DashMap::new(),
             keys: KeySpace::new(&cfg.key_prefix, cluster),
             cluster,
             timeout,
@@ -547,7 +573,13 @@ impl RedisStore {
             .zip(&rows)
             .enumerate()
             .map(|(k, (op, (v, _)))| {
-                let value = v.unwrap_or(0);
+                // Read after Redis answered: a charge written meanwhile has left the
+                // held book, so it is never counted twice (at worst missed briefly).
+                let held = match (&self.batching, plans.get(k)) {
+                    (Some(_), Some(p)) => self.held.get(p.keys.state.as_str()).map_or(0, |h| *h),
+                    _ => 0,
+                };
+                let value = v.unwrap_or(0).saturating_add(held);
                 let limit = match op.rate {
                     Rate::Fixed { limit, .. } => exact(limit),
                     _ => 0,
@@ -610,11 +642,22 @@ impl RedisStore {
         if args.is_empty() {
             return Ok(());
         }
+        if self.batching.is_some() {
+            for a in &args {
+                let mut h = self.held.entry(a.key.clone()).or_insert(0);
+                *h = h.saturating_add(a.actual);
+            }
+        }
         let batch = &self.charges[crate::affinity::slot()];
         let (tx, rx) = tokio::sync::oneshot::channel();
         let lead = {
             let mut q = batch.lock();
+            q.pending = q.pending.saturating_add(args.len());
             q.waiting.push((args, tx));
+            if self.batching.as_ref().is_some_and(|b| q.pending >= b.max) {
+                // A full batch goes now rather than at the end of the interval.
+                batch.full.notify_one();
+            }
             !std::mem::replace(&mut q.flushing, true)
         };
         if lead {
@@ -622,7 +665,11 @@ impl RedisStore {
         }
         // The leader answers every charge it takes (or drops the sender, if it is itself
         // dropped mid-call: then this charge's fate is unknown, reported as a timeout).
-        match tokio::time::timeout(self.timeout.saturating_mul(2), rx).await {
+        let linger = self
+            .batching
+            .as_ref()
+            .map_or(Duration::ZERO, |b| b.interval);
+        match tokio::time::timeout(self.timeout.saturating_mul(2) + linger, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) | Err(_) => Err(StoreError::Timeout(self.timeout_ms)),
         }
@@ -630,15 +677,42 @@ impl RedisStore {
 
     /// Send the charges waiting on `batch`, in one script call per round, until none are
     /// left. Charges that arrive while a call is out wait for the next round: under load,
-    /// many requests' settlements share one call; alone, a charge goes at once.
+    /// many requests' settlements share one call; alone, a charge goes at once. With
+    /// batching, each round first waits out the interval (or until the batch is full),
+    /// and charges to one counter are added up into one.
     async fn flush_charges(&self, batch: &ChargeBatch) {
         // If this future is dropped mid-call, the batch is open again and nobody waits
         // on a leader that is gone.
-        let mut guard = Reopen { batch, armed: true };
+        let mut guard = Reopen {
+            batch,
+            held: &self.held,
+            armed: true,
+        };
         loop {
+            if let Some(b) = &self.batching {
+                let full = batch.full.notified();
+                let pending = {
+                    let mut q = batch.lock();
+                    if q.waiting.is_empty() {
+                        // Nothing came while the last call was out: done, without
+                        // lingering (the next charge leads).
+                        q.flushing = false;
+                        guard.armed = false;
+                        return;
+                    }
+                    q.pending
+                };
+                if pending < b.max {
+                    tokio::select! {
+                        () = tokio::time::sleep(b.interval) => {}
+                        () = full => {}
+                    }
+                }
+            }
             let round = {
                 let mut q = batch.lock();
                 let round = std::mem::take(&mut q.waiting);
+                q.pending = 0;
                 if round.is_empty() {
                     // Done: the next charge leads (decided under this same lock).
                     q.flushing = false;
@@ -647,18 +721,27 @@ impl RedisStore {
                 }
                 round
             };
+            let merged = merge_charges(round.iter().flat_map(|(args, _)| args));
+            // Whatever becomes of this call, these charges are no longer held here once
+            // it is over (written, or failed back to their callers).
+            let _release = self.batching.is_some().then(|| Release {
+                held: &self.held,
+                charges: round
+                    .iter()
+                    .flat_map(|(args, _)| args)
+                    .map(|a| (a.key.clone(), a.actual))
+                    .collect(),
+            });
             let mut inv = CHARGE.prepare_invoke();
-            for (args, _) in &round {
-                for a in args {
-                    inv.key(&a.key)
-                        .arg(a.actual)
-                        .arg(&a.id)
-                        .arg(a.kind)
-                        .arg(a.limit)
-                        .arg(a.start)
-                        .arg(a.end)
-                        .arg(a.expire_at);
-                }
+            for a in &merged {
+                inv.key(&a.key)
+                    .arg(a.actual)
+                    .arg(&a.id)
+                    .arg(a.kind)
+                    .arg(a.limit)
+                    .arg(a.start)
+                    .arg(a.end)
+                    .arg(a.expire_at);
             }
             let result = match self.conn().await {
                 Ok(conn) => self.bounded(conn.invoke::<()>(&inv)).await,
@@ -899,7 +982,7 @@ fn store_error(e: RedisError, timeout_ms: u64) -> StoreError {
 // Batched plain charges.
 
 /// One counter's plain charge: the [`scripts::CHARGE`] arguments.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct ChargeArgs {
     key: String,
     actual: u64,
@@ -919,25 +1002,82 @@ type ChargeWaiter = (
 /// Plain charges waiting for a script call, per proxy thread. One caller at a time (the
 /// leader) sends them; the others wait for its answer.
 #[derive(Default)]
-struct ChargeBatch(Mutex<ChargeQueue>);
+struct ChargeBatch {
+    queue: Mutex<ChargeQueue>,
+    /// With batching: the batch reached its size bound, send it now.
+    full: tokio::sync::Notify,
+}
 
 #[derive(Default)]
 struct ChargeQueue {
     waiting: Vec<ChargeWaiter>,
+    /// Charges (counter-windows) in `waiting`.
+    pending: usize,
     /// A leader is sending.
     flushing: bool,
 }
 
 impl ChargeBatch {
     fn lock(&self) -> std::sync::MutexGuard<'_, ChargeQueue> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Charges leaving the held book (see `RedisStore::held`) when dropped.
+struct Release<'a> {
+    held: &'a dashmap::DashMap<String, u64>,
+    charges: Vec<(String, u64)>,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        for (key, actual) in &self.charges {
+            release_held(self.held, key, *actual);
+        }
+    }
+}
+
+/// Take `actual` off `key`'s held charges; the entry goes when nothing is left.
+fn release_held(held: &dashmap::DashMap<String, u64>, key: &str, actual: u64) {
+    held.remove_if_mut(key, |_, v| {
+        *v = v.saturating_sub(actual);
+        *v == 0
+    });
+}
+
+/// `storage.redis.batching`: how long a plain charge may wait to share a call.
+#[derive(Debug, Clone, Copy)]
+struct Batching {
+    interval: Duration,
+    max: usize,
+}
+
+/// One charge per counter-window: charges to the same key (one counter, one window, so
+/// the same id, kind, limit and bounds) are added up, in first-seen order.
+fn merge_charges<'a>(charges: impl Iterator<Item = &'a ChargeArgs>) -> Vec<ChargeArgs> {
+    let mut out: Vec<ChargeArgs> = Vec::new();
+    let mut at: std::collections::HashMap<&'a str, usize> = std::collections::HashMap::new();
+    for c in charges {
+        match at.get(c.key.as_str()) {
+            Some(&i) => {
+                if let Some(m) = out.get_mut(i) {
+                    m.actual = m.actual.saturating_add(c.actual).min(MAX_EXACT);
+                }
+            }
+            None => {
+                at.insert(c.key.as_str(), out.len());
+                out.push(c.clone());
+            }
+        }
+    }
+    out
 }
 
 /// A leader's turn, if it ends early (its future dropped): the batch is open again, and
 /// charges it did not take fail (they would otherwise wait for a leader that is gone).
 struct Reopen<'a> {
     batch: &'a ChargeBatch,
+    held: &'a dashmap::DashMap<String, u64>,
     armed: bool,
 }
 
@@ -948,7 +1088,11 @@ impl Drop for Reopen<'_> {
         }
         let mut q = self.batch.lock();
         q.flushing = false;
-        for (_, tx) in q.waiting.drain(..) {
+        q.pending = 0;
+        for (args, tx) in q.waiting.drain(..) {
+            for a in &args {
+                release_held(self.held, &a.key, a.actual);
+            }
             let _ = tx.send(Err(StoreError::Unavailable(
                 "charge abandoned by its batch's sender".into(),
             )));
@@ -1617,6 +1761,36 @@ impl std::fmt::Debug for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn charge(key: &str, actual: u64) -> ChargeArgs {
+        ChargeArgs {
+            key: key.to_owned(),
+            actual,
+            id: format!("id-{key}"),
+            kind: "t",
+            limit: 100,
+            start: 0,
+            end: 60_000,
+            expire_at: 360_000,
+        }
+    }
+
+    #[test]
+    fn charges_to_one_counter_are_added_up_in_first_seen_order() {
+        let all = [
+            charge("b", 1),
+            charge("a", 2),
+            charge("b", 3),
+            charge("c", 0),
+            charge("a", MAX_EXACT),
+        ];
+        let merged = merge_charges(all.iter());
+        let got: Vec<(&str, u64)> = merged.iter().map(|c| (c.key.as_str(), c.actual)).collect();
+        // Sums never pass what the scripts hold exactly.
+        assert_eq!(got, [("b", 4), ("a", MAX_EXACT), ("c", 0)]);
+        assert_eq!(merged[0].id, "id-b");
+        assert!(merge_charges([].iter()).is_empty());
+    }
 
     #[test]
     fn bucket_wait_matches_memory() {

@@ -185,6 +185,24 @@ pub struct RedisStorageConfig {
     /// Without it, `rediss://` verifies against the system's trust store.
     #[serde(default)]
     pub tls: Option<TlsClientFiles>,
+    /// Optional local pre-aggregation of after-mode settlements (single node only).
+    #[serde(default)]
+    pub batching: Option<RedisBatchingConfig>,
+}
+
+/// `storage.redis.batching`: each proxy thread holds its after-mode settlements up to
+/// `flush_interval`, adds up those of one counter and writes them in one call. Counters
+/// on Redis then lag by up to the interval: fewer writes, a looser `after` budget (see
+/// the README). Reservations (`accounting: reserve`) are not held back.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisBatchingConfig {
+    /// How long a settlement may wait to share a write (1ms to 1s; default 5ms).
+    #[serde(default)]
+    pub flush_interval: Option<ConfigDuration>,
+    /// Write at once when this many settlements wait (default 1000).
+    #[serde(default)]
+    pub max_batch: Option<usize>,
 }
 
 /// `storage.redis.tls` and `backends[].tls`: PEM files, read at load (and at every
