@@ -573,8 +573,10 @@ impl RedisStore {
             .zip(&rows)
             .enumerate()
             .map(|(k, (op, (v, _)))| {
-                // Read after Redis answered: a charge written meanwhile has left the
-                // held book, so it is never counted twice (at worst missed briefly).
+                // Held charges leave the book once their write's reply is handled, so
+                // one landing in Redis while this read is out may count twice, or not
+                // at all, for about a round trip: the race of any read with a
+                // concurrent write, bounded by the charges in flight.
                 let held = match (&self.batching, plans.get(k)) {
                     (Some(_), Some(p)) => self.held.get(p.keys.state.as_str()).map_or(0, |h| *h),
                     _ => 0,
