@@ -1082,6 +1082,32 @@ async fn reads_and_plain_charges_keep_the_script_invariants() {
     }
 }
 
+/// `calls` concurrent requests, the n-th (from 0) admitted on `ops[n % ops.len()]` and
+/// settled at n + 1.
+async fn charge_each_once(
+    store: &std::sync::Arc<RedisStore>,
+    now: u64,
+    ops: &[CounterOp],
+    calls: u64,
+) {
+    let calls = (0..calls).map(|n| {
+        let store = store.clone();
+        let op = ops[(n % ops.len() as u64) as usize].clone();
+        async move {
+            let r = rid();
+            let a = store
+                .admit(now, std::slice::from_ref(&op), r, 0)
+                .await
+                .unwrap();
+            store
+                .settle(now, &settlements(&[op], &a, r, n + 1))
+                .await
+                .unwrap();
+        }
+    });
+    futures_util::future::join_all(calls).await;
+}
+
 /// Plain charges from many requests at once share script calls (batched per thread);
 /// every one lands exactly once, spread over several counters.
 #[tokio::test]
@@ -1099,23 +1125,7 @@ async fn concurrent_plain_charges_land_exactly_once() {
             ..fixed(&format!("{base}c{i}"), 1_000_000, 0, 0)
         })
         .collect();
-    let mut calls = Vec::new();
-    for n in 0..300u64 {
-        let store = store.clone();
-        let op = ops[(n % 4) as usize].clone();
-        calls.push(async move {
-            let r = rid();
-            let a = store
-                .admit(now, std::slice::from_ref(&op), r, 0)
-                .await
-                .unwrap();
-            store
-                .settle(now, &settlements(&[op], &a, r, n + 1))
-                .await
-                .unwrap();
-        });
-    }
-    futures_util::future::join_all(calls).await;
+    charge_each_once(&store, now, &ops, 300).await;
     for (i, op) in ops.iter().enumerate() {
         let want: u64 = (0..300u64)
             .filter(|n| n % 4 == i as u64)
@@ -1149,23 +1159,7 @@ async fn batched_plain_charges_add_up_exactly() {
             ..fixed(&format!("{base}c{i}"), 1_000_000, 0, 0)
         })
         .collect();
-    let mut calls = Vec::new();
-    for n in 0..300u64 {
-        let store = store.clone();
-        let op = ops[(n % 3) as usize].clone();
-        calls.push(async move {
-            let r = rid();
-            let a = store
-                .admit(now, std::slice::from_ref(&op), r, 0)
-                .await
-                .unwrap();
-            store
-                .settle(now, &settlements(&[op], &a, r, n + 1))
-                .await
-                .unwrap();
-        });
-    }
-    futures_util::future::join_all(calls).await;
+    charge_each_once(&store, now, &ops, 300).await;
     for (i, op) in ops.iter().enumerate() {
         let want: u64 = (0..300u64)
             .filter(|n| n % 3 == i as u64)

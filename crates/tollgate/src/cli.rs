@@ -349,13 +349,13 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     };
 }
 
-/// The counter store the config asks for: in-process memory, or Redis (single node or
-/// cluster) behind a local fallback that follows `storage.on_error`, with the counters of
-/// `scope: replica` policies kept in process beside it.
 /// `storage.redis.batching.flush_interval` when batching is on but the interval is not
 /// given.
 const DEFAULT_BATCH_INTERVAL_MS: u64 = 5;
 
+/// The counter store the config asks for: in-process memory, or Redis (single node or
+/// cluster) behind a local fallback that follows `storage.on_error`, with the counters of
+/// `scope: replica` policies kept in process beside it.
 fn build_store(
     rt: &Runtime,
 ) -> anyhow::Result<(Arc<dyn tollgate_limits::Store>, crate::proxy::StoreHealth)> {

@@ -735,9 +735,9 @@ impl RedisStore {
                     .collect(),
             });
             let mut inv = CHARGE.prepare_invoke();
-            for a in &merged {
+            for (a, actual) in merged {
                 inv.key(&a.key)
-                    .arg(a.actual)
+                    .arg(actual)
                     .arg(&a.id)
                     .arg(a.kind)
                     .arg(a.limit)
@@ -984,7 +984,7 @@ fn store_error(e: RedisError, timeout_ms: u64) -> StoreError {
 // Batched plain charges.
 
 /// One counter's plain charge: the [`scripts::CHARGE`] arguments.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct ChargeArgs {
     key: String,
     actual: u64,
@@ -1055,20 +1055,21 @@ struct Batching {
 }
 
 /// One charge per counter-window: charges to the same key (one counter, one window, so
-/// the same id, kind, limit and bounds) are added up, in first-seen order.
-fn merge_charges<'a>(charges: impl Iterator<Item = &'a ChargeArgs>) -> Vec<ChargeArgs> {
-    let mut out: Vec<ChargeArgs> = Vec::new();
-    let mut at: std::collections::HashMap<&'a str, usize> = std::collections::HashMap::new();
+/// the same id, kind, limit and bounds) are added up, in first-seen order. Each is the
+/// first charge seen for its key, with the sum of the key's charges.
+fn merge_charges<'a>(charges: impl Iterator<Item = &'a ChargeArgs>) -> Vec<(&'a ChargeArgs, u64)> {
+    let mut out: Vec<(&'a ChargeArgs, u64)> = Vec::new();
+    let mut at: HashMap<&'a str, usize> = HashMap::new();
     for c in charges {
         match at.get(c.key.as_str()) {
             Some(&i) => {
-                if let Some(m) = out.get_mut(i) {
-                    m.actual = m.actual.saturating_add(c.actual).min(MAX_EXACT);
+                if let Some((_, sum)) = out.get_mut(i) {
+                    *sum = sum.saturating_add(c.actual).min(MAX_EXACT);
                 }
             }
             None => {
                 at.insert(c.key.as_str(), out.len());
-                out.push(c.clone());
+                out.push((c, c.actual));
             }
         }
     }
@@ -1787,10 +1788,13 @@ mod tests {
             charge("a", MAX_EXACT),
         ];
         let merged = merge_charges(all.iter());
-        let got: Vec<(&str, u64)> = merged.iter().map(|c| (c.key.as_str(), c.actual)).collect();
+        let got: Vec<(&str, u64)> = merged
+            .iter()
+            .map(|(c, sum)| (c.key.as_str(), *sum))
+            .collect();
         // Sums never pass what the scripts hold exactly.
         assert_eq!(got, [("b", 4), ("a", MAX_EXACT), ("c", 0)]);
-        assert_eq!(merged[0].id, "id-b");
+        assert_eq!(merged[0].0.id, "id-b");
         assert!(merge_charges([].iter()).is_empty());
     }
 
