@@ -13,10 +13,10 @@
 #   --install-nginx   apt-get install nginx when it is missing (adds the nginx row)
 #   --no-nginx        skip the nginx row even when nginx is installed
 #   --no-gateway      skip the tollgate row (to try the harness alone)
-#   --redis           add a row: the same gateway with its counters on Redis (127.0.0.1:6379,
-#                     a key prefix of its own), a memory-vs-Redis comparison at a load both
-#                     hold, and the accuracy bench (admitted ÷ limit, one gateway and three
-#                     replicas on Redis)
+#   --redis           add two rows: the same gateway with its counters on Redis (127.0.0.1:6379,
+#                     a key prefix of its own), without and with storage.redis.batching (5ms,
+#                     cached reads); a memory-vs-Redis comparison at a load both hold; and the
+#                     accuracy bench (admitted ÷ limit, one gateway and three replicas on Redis)
 #   --jwt             add a row: JWT auth (the Gloo seed's token, cached verification)
 #                     and three token tiers (minute/hour/day) per `sub`
 #   --floors          add two reference rows that split tollgate's cost: the HTTP stack's floor
@@ -227,6 +227,10 @@ if [[ $USE_GATEWAY == 1 && $USE_REDIS == 1 ]]; then
       "$TMP/tollgate.yaml" >"$TMP/tollgate-redis.yaml"
   sed -i -e "s/127\.0\.0\.1:$GW_PORT/127.0.0.1:8080/" -e "s/127\.0\.0\.1:$ADMIN_PORT/127.0.0.1:9901/" "$TMP/tollgate-redis.yaml"
   start_gateway tollgate-redis "$TMP/tollgate-redis.yaml"
+  sed -e "s/^  kind: memory/  kind: redis\n  redis:\n    url: redis:\/\/127.0.0.1:6379\n    key_prefix: tgbench-$$-batch\n    timeout: 200ms\n    batching: { flush_interval: 5ms }/" \
+      "$TMP/tollgate.yaml" >"$TMP/tollgate-redis-batch.yaml"
+  sed -i -e "s/127\.0\.0\.1:$GW_PORT/127.0.0.1:8080/" -e "s/127\.0\.0\.1:$ADMIN_PORT/127.0.0.1:9901/" "$TMP/tollgate-redis-batch.yaml"
+  start_gateway tollgate-redis-batch "$TMP/tollgate-redis-batch.yaml"
 fi
 if [[ $USE_GATEWAY == 1 && $USE_JWT == 1 ]]; then
   FIX="$ROOT/crates/tollgate/tests/fixtures/jwt"
@@ -339,10 +343,10 @@ check_target() {
 
 TARGETS=(direct)
 declare -A URL=([direct]="http://127.0.0.1:$SIM_PORT$PATH_")
-declare -A LABEL=([direct]="direct (tollgate sim)" [tollgate]="tollgate (quickstart policies)" [nginx]="nginx (reverse proxy)" [tollgate-redis]="tollgate on Redis" [tollgate-jwt]="tollgate JWT + 3 tiers" [tollgate-plain]="tollgate, no auth/policies" [floor]="hyper floor (tollgate-floor)" [floor-redis]="hyper floor + 1 Redis read")
+declare -A LABEL=([direct]="direct (tollgate sim)" [tollgate]="tollgate (quickstart policies)" [nginx]="nginx (reverse proxy)" [tollgate-redis]="tollgate on Redis" [tollgate-redis-batch]="tollgate on Redis, batching" [tollgate-jwt]="tollgate JWT + 3 tiers" [tollgate-plain]="tollgate, no auth/policies" [floor]="hyper floor (tollgate-floor)" [floor-redis]="hyper floor + 1 Redis read")
 declare -A AUTHH
 if [[ -n $GW_PORT ]]; then TARGETS+=(tollgate); URL[tollgate]="http://127.0.0.1:$GW_PORT$PATH_"; fi
-for g in tollgate-redis tollgate-jwt; do
+for g in tollgate-redis tollgate-redis-batch tollgate-jwt; do
   if [[ -n ${GWPORT[$g]:-} ]]; then TARGETS+=("$g"); URL[$g]="http://127.0.0.1:${GWPORT[$g]}$PATH_"; fi
 done
 if [[ -n ${GWPORT[tollgate-jwt]:-} ]]; then
@@ -413,6 +417,7 @@ if [[ $MODE == table ]]; then
     RRATE=${REDIS_RATE:-$(awk -v r="${RPS[sat_tollgate-redis]}" 'BEGIN { printf "%d", r / 2 }')}
     [[ $RRATE -ge 1 ]] || RRATE=1
     RPAIR=(tollgate tollgate-redis)
+    [[ -n ${GWPORT[tollgate-redis-batch]:-} ]] && RPAIR+=(tollgate-redis-batch)
     [[ -n $FLOOR_REDIS_PORT ]] && RPAIR+=(floor floor-redis)
     for t in "${RPAIR[@]}"; do
       log "fixed load $RRATE req/s (memory vs Redis), $t..."
@@ -449,6 +454,13 @@ if [[ $MODE == table ]]; then
         -v r99="${P99[fixr_tollgate-redis]}" -v m99="${P99[fixr_tollgate]}" 'BEGIN {
       printf "Redis keeps %.1f%% of memory-mode throughput at saturation; at the fixed load Redis adds %+d us at p50, %+d us at p99\n",
         100 * rs / ms, r50 - m50, r99 - m99 }'
+    if [[ -n ${GWPORT[tollgate-redis-batch]:-} ]]; then
+      awk -v rs="${RPS[sat_tollgate-redis-batch]}" -v ms="${RPS[sat_tollgate]}" \
+          -v r50="${P50[fixr_tollgate-redis-batch]}" -v m50="${P50[fixr_tollgate]}" \
+          -v r99="${P99[fixr_tollgate-redis-batch]}" -v m99="${P99[fixr_tollgate]}" 'BEGIN {
+        printf "with batching (5ms, cached reads) Redis keeps %.1f%% of memory-mode throughput; at the fixed load it adds %+d us at p50, %+d us at p99\n",
+          100 * rs / ms, r50 - m50, r99 - m99 }'
+    fi
     if [[ -n $FLOOR_REDIS_PORT ]]; then
       awk -v r50="${P50[fixr_floor-redis]}" -v m50="${P50[fixr_floor]}" \
           -v r99="${P99[fixr_floor-redis]}" -v m99="${P99[fixr_floor]}" 'BEGIN {

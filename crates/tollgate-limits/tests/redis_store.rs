@@ -1231,6 +1231,119 @@ fn batching_is_refused_on_a_cluster() {
     }
 }
 
+/// The start of the next real minute plus one second: a window every engine time a test
+/// uses stays inside, whose keys outlive the test.
+fn next_minute() -> u64 {
+    (SystemClock.now_ms() / MINUTE + 1) * MINUTE + 1_000
+}
+
+/// A read-only (after-mode) check of `op` at `at`.
+async fn check(store: &dyn Store, at: u64, op: &CounterOp) -> Admission {
+    store
+        .admit(at, std::slice::from_ref(op), rid(), 0)
+        .await
+        .unwrap()
+}
+
+/// With batching's read cache, a replica judges after-mode checks by what it learned of
+/// a counter less than one interval (engine time) ago: another replica's spend is not
+/// seen until then, and is once the interval is over. A reset through this replica is
+/// seen at once.
+#[tokio::test]
+async fn cached_reads_stand_for_one_interval_then_are_read_again() {
+    let cached = RedisStore::connect(RedisConfig {
+        batch_interval_ms: 1_000,
+        ..config(Some(SHARED_URL.into()), None)
+    })
+    .await
+    .unwrap();
+    let other = RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap();
+    let t = next_minute();
+    let op = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{}/cached/c", run_id()), 10, 0, 0)
+    };
+    // Learned: 0.
+    assert!(matches!(
+        check(&cached, t, &op).await,
+        Admission::Admitted { .. }
+    ));
+    let r = rid();
+    let a = other
+        .admit(t, std::slice::from_ref(&op), r, 0)
+        .await
+        .unwrap();
+    other
+        .settle(t, &settlements(std::slice::from_ref(&op), &a, r, 10))
+        .await
+        .unwrap();
+    assert_eq!(value_of(&other, t, &op).await.0, 10);
+    // Within the interval the other replica's 10 is not seen...
+    let a = check(&cached, t + 999, &op).await;
+    assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+    assert_eq!(snapshots(a)[0].value, 0);
+    // ...and once it is over, the counter is read again.
+    let a = check(&cached, t + 1_000, &op).await;
+    assert!(matches!(a, Admission::Refused(_)), "{a:?}");
+    assert_eq!(snapshots(a)[0].value, 10);
+    // A reset through this replica drops what it learned of the counter.
+    assert_eq!(cached.reset(&op.id).await.unwrap(), 1);
+    let a = check(&cached, t + 1_001, &op).await;
+    assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+    assert_eq!(snapshots(a)[0].value, 0);
+}
+
+/// A batching replica learns a counter's value from the replies to its own writes: once
+/// its charge is written, what it checks against includes both that charge and whatever
+/// other replicas had written before it, without reading the counter again.
+#[tokio::test]
+async fn cached_reads_learn_from_this_replicas_writes() {
+    let cached = RedisStore::connect(RedisConfig {
+        batch_interval_ms: 50,
+        ..config(Some(SHARED_URL.into()), None)
+    })
+    .await
+    .unwrap();
+    let other = RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap();
+    let t = next_minute();
+    let op = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{}/learned/c", run_id()), 7, 0, 0)
+    };
+    // Learned: 0 (stands 50 ms of engine time, which stays at t here).
+    let r = rid();
+    let a = cached
+        .admit(t, std::slice::from_ref(&op), r, 0)
+        .await
+        .unwrap();
+    assert_eq!(snapshots(a.clone())[0].value, 0);
+    // Another replica writes 5, unseen by the cache...
+    let r2 = rid();
+    let a2 = other
+        .admit(t, std::slice::from_ref(&op), r2, 0)
+        .await
+        .unwrap();
+    other
+        .settle(t, &settlements(std::slice::from_ref(&op), &a2, r2, 5))
+        .await
+        .unwrap();
+    // ...until this replica's own charge of 2 is written: its reply says 7.
+    cached
+        .settle(t, &settlements(std::slice::from_ref(&op), &a, r, 2))
+        .await
+        .unwrap();
+    let a = cached
+        .admit(t, std::slice::from_ref(&op), rid(), 0)
+        .await
+        .unwrap();
+    assert!(matches!(a, Admission::Refused(_)), "{a:?}");
+    assert_eq!(snapshots(a)[0].value, 7);
+}
+
 /// A replica's own held charges count in its own after-mode checks at once; Redis (and
 /// so another replica) sees them only when they are written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,12 +72,15 @@ async fn run(
     mode: &str,
     upstream: std::net::SocketAddr,
     replicas: usize,
-    batching: Option<&str>,
+    batching: Option<(&str, bool)>,
 ) -> (u64, u64) {
     // Replicas share counters through Redis (127.0.0.1:6379, a prefix of this run's own),
-    // optionally with settlements batched (`storage.redis.batching.flush_interval`).
+    // optionally with settlements batched (`storage.redis.batching.flush_interval`), with
+    // or without cached reads.
     let batching = batching
-        .map(|i| format!("    batching: {{ flush_interval: {i} }}\n"))
+        .map(|(i, cache)| {
+            format!("    batching: {{ flush_interval: {i}, cache_reads: {cache} }}\n")
+        })
         .unwrap_or_default();
     let storage = if replicas > 1 {
         format!(
@@ -177,15 +180,17 @@ fn main() {
             ("reserve", 1, None),
             ("after", 3, None),
             ("reserve", 3, None),
-            ("after", 3, Some("5ms")),
-            ("after", 3, Some("100ms")),
-            ("reserve", 3, Some("100ms")),
+            ("after", 3, Some(("5ms", false))),
+            ("after", 3, Some(("5ms", true))),
+            ("after", 3, Some(("100ms", true))),
+            ("reserve", 3, Some(("100ms", true))),
         ] {
             let (n, tokens) = run(mode, addr, replicas, batching).await;
             let store = match (replicas, batching) {
                 (1, _) => "memory".to_owned(),
                 (_, None) => "redis".to_owned(),
-                (_, Some(i)) => format!("redis, batching {i}"),
+                (_, Some((i, false))) => format!("redis, batching {i}, reads uncached"),
+                (_, Some((i, true))) => format!("redis, batching {i}, cached reads"),
             };
             println!(
                 "| {mode} | {replicas} ({store}) | {LIMIT} | {CONCURRENCY} | {n} | {tokens} | {:.2} |",

@@ -401,6 +401,11 @@ fn build_store(
                     .as_ref()
                     .and_then(|b| b.max_batch)
                     .unwrap_or(defaults.batch_max),
+                batch_cache_reads: r
+                    .batching
+                    .as_ref()
+                    .and_then(|b| b.cache_reads)
+                    .unwrap_or(defaults.batch_cache_reads),
             };
             // Lazy: the gateway starts (and follows on_error) while Redis is away, and
             // connects by itself when it answers.

@@ -130,6 +130,12 @@ pub struct RedisConfig {
     /// With batching on, a thread writes as soon as this many charges wait, before the
     /// interval is up (bounds one call's size).
     pub batch_max: usize,
+    /// With batching on: read-only admissions (after-mode tokens) judge a counter by what
+    /// this replica learned of it from Redis less than `batch_interval_ms` ago (a read,
+    /// or the reply to its own write) plus the charges it holds, instead of reading it
+    /// again. Each counter is then read at most about once per interval per replica,
+    /// and other replicas' spend shows up to one more interval late.
+    pub batch_cache_reads: bool,
 }
 
 /// PEM material for TLS to Redis: a private CA to trust instead of the system's roots,
@@ -190,6 +196,7 @@ impl Default for RedisConfig {
             tls: None,
             batch_interval_ms: 0,
             batch_max: 1_000,
+            batch_cache_reads: true,
         }
     }
 }
@@ -230,6 +237,9 @@ pub struct RedisStore {
     /// With batching: per counter-window key, the charges this replica holds (queued or
     /// being written), which its own read-only admissions add to what Redis says.
     held: dashmap::DashMap<String, u64>,
+    /// With batching and its read cache: per counter-window key, what this replica last
+    /// learned of it from Redis (see [`Seen`]).
+    seen: dashmap::DashMap<String, Seen>,
     book: Mutex<HoldBook>,
     outstanding: AtomicU64,
     tallies: Tallies,
@@ -330,10 +340,12 @@ impl RedisStore {
         let batching = (cfg.batch_interval_ms > 0).then(|| Batching {
             interval: Duration::from_millis(cfg.batch_interval_ms),
             max: cfg.batch_max.max(1),
+            cache_for: cfg.batch_cache_reads.then_some(cfg.batch_interval_ms),
         });
         Ok(RedisStore {
             batching,
             held: dashmap::DashMap::new(),
+            seen: dashmap::DashMap::new(),
             keys: KeySpace::new(&cfg.key_prefix, cluster),
             cluster,
             timeout,
@@ -531,17 +543,18 @@ impl RedisStore {
     /// tokens). On a single node that is one `HMGET` per counter, pipelined, instead of
     /// a script call: nothing is written, so nothing needs the script's atomicity. When a
     /// counter has reservations (due holds to release first) or the request takes
-    /// anything, `None`: the admission script decides.
+    /// anything, `None`: the admission script decides. With batching's read cache, no
+    /// read at all while every counter was learned of recently (see [`Seen`]).
     async fn check_only(
         &self,
-        conn: &Conn,
+        now: Millis,
         ops: &[CounterOp],
         plans: &[OpPlan],
         earlier: &[u64],
     ) -> Result<Option<(bool, Vec<Option<OpReply>>)>, StoreError> {
-        let Conn::Single(c) = conn else {
+        if self.cluster {
             return Ok(None);
-        };
+        }
         let reads_only = ops.iter().zip(plans).all(|(op, plan)| {
             matches!(op.rate, Rate::Fixed { .. })
                 && plan.commit == 0
@@ -551,20 +564,20 @@ impl RedisStore {
         if !reads_only {
             return Ok(None);
         }
-        let mut pipe = ::redis::pipe();
-        for plan in plans {
-            pipe.cmd("HMGET").arg(&plan.keys.state).arg("v").arg("r");
-        }
-        let mut c = c.clone();
-        let rows: Vec<(Option<u64>, Option<u64>)> = self.bounded(pipe.query_async(&mut c)).await?;
-        if rows.len() != ops.len() {
-            return Err(StoreError::Protocol(format!(
-                "HMGET pipeline: {} replies for {} counters",
-                rows.len(),
-                ops.len()
-            )));
-        }
-        if rows.iter().any(|(_, r)| r.unwrap_or(0) > 0) {
+        let cache_for = self.batching.as_ref().and_then(|b| b.cache_for);
+        let rows = match cache_for.and_then(|life| self.recall(now, plans, life)) {
+            Some(rows) => rows,
+            None => {
+                let rows = self.read_counters(plans).await?;
+                if let Some(life) = cache_for {
+                    for (plan, &(v, r)) in plans.iter().zip(&rows) {
+                        learn(&self.seen, &plan.keys.state, v, r, now, life);
+                    }
+                }
+                rows
+            }
+        };
+        if rows.iter().any(|&(_, r)| r > 0) {
             return Ok(None);
         }
         let mut all = true;
@@ -572,7 +585,7 @@ impl RedisStore {
             .iter()
             .zip(&rows)
             .enumerate()
-            .map(|(k, (op, (v, _)))| {
+            .map(|(k, (op, &(v, _)))| {
                 // Held charges leave the book once their write's reply is handled, so
                 // one landing in Redis while this read is out may count twice, or not
                 // at all, for about a round trip: the race of any read with a
@@ -581,7 +594,7 @@ impl RedisStore {
                     (Some(_), Some(p)) => self.held.get(p.keys.state.as_str()).map_or(0, |h| *h),
                     _ => 0,
                 };
-                let value = v.unwrap_or(0).saturating_add(held);
+                let value = v.saturating_add(held);
                 let limit = match op.rate {
                     Rate::Fixed { limit, .. } => exact(limit),
                     _ => 0,
@@ -603,6 +616,61 @@ impl RedisStore {
         Ok(Some((all, replies)))
     }
 
+    /// `(value, reserved)` of every counter in `plans`, as Redis has them: one `HMGET`
+    /// per counter, pipelined.
+    async fn read_counters(&self, plans: &[OpPlan]) -> Result<Vec<(u64, u64)>, StoreError> {
+        let Conn::Single(mut c) = self.conn().await? else {
+            return Err(StoreError::Protocol(
+                "a counter read by HMGET on a cluster".into(),
+            ));
+        };
+        let mut pipe = ::redis::pipe();
+        for plan in plans {
+            pipe.cmd("HMGET").arg(&plan.keys.state).arg("v").arg("r");
+        }
+        let rows: Vec<(Option<u64>, Option<u64>)> = self.bounded(pipe.query_async(&mut c)).await?;
+        if rows.len() != plans.len() {
+            return Err(StoreError::Protocol(format!(
+                "HMGET pipeline: {} replies for {} counters",
+                rows.len(),
+                plans.len()
+            )));
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(v, r)| (v.unwrap_or(0), r.unwrap_or(0)))
+            .collect())
+    }
+
+    /// `(value, reserved)` of every counter in `plans` from the read cache, if every one
+    /// was learned of less than `life` ms before `now`.
+    fn recall(&self, now: Millis, plans: &[OpPlan], life: u64) -> Option<Vec<(u64, u64)>> {
+        plans
+            .iter()
+            .map(|p| {
+                let e = self.seen.get(p.keys.state.as_str())?;
+                (now >= e.born && now < e.born.saturating_add(life))
+                    .then_some((e.value, e.reserved))
+            })
+            .collect()
+    }
+
+    /// With the read cache: drop what was learned of counters a script is writing (an
+    /// admission that takes, a settlement that releases, a rollback), so the next
+    /// read-only admission reads them again. A read sent before the write and answered
+    /// after this can still leave the older figure for up to one interval.
+    fn forget<'a>(&self, keys: impl Iterator<Item = &'a CounterKeys>) {
+        if self
+            .batching
+            .as_ref()
+            .is_some_and(|b| b.cache_for.is_some())
+        {
+            for k in keys {
+                self.seen.remove(k.state.as_str());
+            }
+        }
+    }
+
     /// A settlement that only adds to a fixed window still within its grace, with no
     /// hold to release (after-mode tokens, request counts).
     fn is_plain_charge(&self, now: Millis, s: &Settlement) -> bool {
@@ -617,6 +685,7 @@ impl RedisStore {
     /// [`ChargeBatch`]).
     async fn charge(
         &self,
+        now: Millis,
         settlements: &[Settlement],
         keys: &[CounterKeys],
     ) -> Result<(), StoreError> {
@@ -639,6 +708,7 @@ impl RedisStore {
                 start: s.window_start,
                 end,
                 expire_at: exact(end.saturating_add(self.grace)),
+                now,
             });
         }
         if args.is_empty() {
@@ -735,7 +805,7 @@ impl RedisStore {
                     .collect(),
             });
             let mut inv = CHARGE.prepare_invoke();
-            for (a, actual) in merged {
+            for &(a, actual) in &merged {
                 inv.key(&a.key)
                     .arg(actual)
                     .arg(&a.id)
@@ -746,9 +816,31 @@ impl RedisStore {
                     .arg(a.expire_at);
             }
             let result = match self.conn().await {
-                Ok(conn) => self.bounded(conn.invoke::<()>(&inv)).await,
+                Ok(conn) => self.bounded(conn.invoke::<Vec<i64>>(&inv)).await,
                 Err(e) => Err(e),
             };
+            // What the write says of its counters, learned before their charges leave
+            // the held book (`_release`), so the view never loses them in between.
+            if let (Ok(reply), Some(life)) =
+                (&result, self.batching.as_ref().and_then(|b| b.cache_for))
+            {
+                // The latest settlement of the round: no later than the call.
+                let at = round
+                    .iter()
+                    .flat_map(|(args, _)| args)
+                    .map(|a| a.now)
+                    .max()
+                    .unwrap_or(0);
+                // A reply of another shape teaches nothing; the write stands.
+                if reply.len() == 2 * merged.len() {
+                    for ((a, _), vr) in merged.iter().zip(reply.chunks_exact(2)) {
+                        let num =
+                            |i: usize| vr.get(i).map_or(0, |&x| u64::try_from(x).unwrap_or(0));
+                        learn(&self.seen, &a.key, num(0), num(1), at, life);
+                    }
+                }
+            }
+            let result = result.map(drop);
             for (_, tx) in round {
                 let _ = tx.send(result.clone());
             }
@@ -994,6 +1086,8 @@ struct ChargeArgs {
     start: Millis,
     end: Millis,
     expire_at: Millis,
+    /// Engine time of the settlement.
+    now: Millis,
 }
 
 type ChargeWaiter = (
@@ -1052,6 +1146,63 @@ fn release_held(held: &dashmap::DashMap<String, u64>, key: &str, actual: u64) {
 struct Batching {
     interval: Duration,
     max: usize,
+    /// With the read cache: how long (engine ms) what was learned of a counter stands.
+    cache_for: Option<u64>,
+}
+
+/// What a batching replica learned of one counter-window from Redis: its value and
+/// reserved units, from a read or from the reply to one of its own writes.
+///
+/// An entry stands for `cache_for` ms from `born` (the engine time its first figure was
+/// asked for), never longer: then the counter is read afresh, so a reset, or spend that
+/// no write of this replica reported, shows within one interval. While it stands, later
+/// figures only raise it (a window's value only grows): a reply that was overtaken (a
+/// read sent before one of this replica's writes landed, answered after it) cannot take
+/// that write back out of the view, while its charges have left [`RedisStore::held`].
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    value: u64,
+    reserved: u64,
+    born: Millis,
+}
+
+/// Beyond this many entries, learning something new first drops the entries that no
+/// longer stand (sweep does so every second anyway).
+const SEEN_MAX: usize = 1 << 16;
+
+/// Record what Redis said of `key` at `at` (engine ms when the call was sent).
+fn learn(
+    seen: &dashmap::DashMap<String, Seen>,
+    key: &str,
+    value: u64,
+    reserved: u64,
+    at: Millis,
+    cache_for: u64,
+) {
+    if let Some(mut e) = seen.get_mut(key) {
+        if at < e.born.saturating_add(cache_for) {
+            e.value = e.value.max(value);
+            e.reserved = e.reserved.max(reserved);
+        } else {
+            *e = Seen {
+                value,
+                reserved,
+                born: at,
+            };
+        }
+        return;
+    }
+    if seen.len() >= SEEN_MAX {
+        seen.retain(|_, e| at < e.born.saturating_add(cache_for));
+    }
+    seen.insert(
+        key.to_owned(),
+        Seen {
+            value,
+            reserved,
+            born: at,
+        },
+    );
 }
 
 /// One charge per counter-window: charges to the same key (one counter, one window, so
@@ -1400,6 +1551,18 @@ impl Store for RedisStore {
                     })
             })
             .collect();
+        if let Some((all_admitted, replies)) = self.check_only(now, ops, &plans, &earlier).await? {
+            return self.conclude(
+                now,
+                ops,
+                &plans,
+                &earlier,
+                &replies,
+                all_admitted,
+                reservation,
+                deadline,
+            );
+        }
         let keys: Vec<CounterKeys> = plans.iter().map(|p| p.keys.clone()).collect();
         let groups = self.group(&keys);
         let invocations = groups
@@ -1435,20 +1598,8 @@ impl Store for RedisStore {
             })
             .collect();
         let conn = self.conn().await?;
-        if let Some((all_admitted, replies)) = self.check_only(&conn, ops, &plans, &earlier).await?
-        {
-            return self.conclude(
-                now,
-                ops,
-                &plans,
-                &earlier,
-                &replies,
-                all_admitted,
-                reservation,
-                deadline,
-            );
-        }
         let results = self.run_all::<Vec<i64>>(&conn, invocations).await;
+        self.forget(keys.iter());
 
         let mut replies: Vec<Option<OpReply>> = vec![None; ops.len()];
         let mut admitted_groups = Vec::new();
@@ -1506,7 +1657,7 @@ impl Store for RedisStore {
             .map(|s| self.keys.for_op(&s.op, s.window_start))
             .collect();
         if !self.cluster && settlements.iter().all(|s| self.is_plain_charge(now, s)) {
-            return self.charge(settlements, &keys).await;
+            return self.charge(now, settlements, &keys).await;
         }
         let groups = self.group(&keys);
         let invocations = groups
@@ -1542,6 +1693,7 @@ impl Store for RedisStore {
             .collect();
         let conn = self.conn().await?;
         let results = self.run_all::<Vec<i64>>(&conn, invocations).await;
+        self.forget(keys.iter());
         let mut failure = None;
         let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
         for (members, result) in groups.iter().zip(results) {
@@ -1611,6 +1763,7 @@ impl Store for RedisStore {
         let conn = self.conn().await?;
         let all: Vec<&Vec<usize>> = groups.iter().collect();
         let result = self.compensate(&conn, &plans, &all, reservation).await;
+        self.forget(keys.iter());
         let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
         for p in &plans {
             book.remove(reservation.0, &p.keys.state);
@@ -1659,6 +1812,11 @@ impl Store for RedisStore {
             .into_iter()
             .filter(|(_, deleted)| *deleted == 1)
             .count() as u64;
+        // This replica's read cache forgets the counter with it (others' within their
+        // interval).
+        for key in &found {
+            self.seen.remove(key.as_str());
+        }
         let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
         book.forget_counter(id);
         self.outstanding
@@ -1668,6 +1826,10 @@ impl Store for RedisStore {
 
     async fn sweep(&self, now: Millis) -> Result<SweepStats, StoreError> {
         self.prune(now);
+        if let Some(life) = self.batching.as_ref().and_then(|b| b.cache_for) {
+            self.seen
+                .retain(|_, e| now >= e.born && now < e.born.saturating_add(life));
+        }
         let last = self.last_scan.load(Ordering::Relaxed);
         let due = last == u64::MAX || now < last || now - last >= self.scan_interval;
         if !due
@@ -1775,7 +1937,33 @@ mod tests {
             start: 0,
             end: 60_000,
             expire_at: 360_000,
+            now: 0,
         }
+    }
+
+    #[test]
+    fn what_was_learned_only_rises_while_it_stands_then_is_replaced() {
+        let seen = dashmap::DashMap::new();
+        let get = |seen: &dashmap::DashMap<String, Seen>| {
+            seen.get("k").map(|e| (e.value, e.reserved, e.born))
+        };
+        learn(&seen, "k", 10, 0, 1_000, 5);
+        assert_eq!(get(&seen), Some((10, 0, 1_000)));
+        // An overtaken reply (lower figures) does not lower the view; a later one raises
+        // it without extending its life.
+        learn(&seen, "k", 7, 0, 1_002, 5);
+        assert_eq!(get(&seen), Some((10, 0, 1_000)));
+        learn(&seen, "k", 12, 3, 1_004, 5);
+        assert_eq!(get(&seen), Some((12, 3, 1_000)));
+        // Once the entry no longer stands, the next figure replaces it (a reset shows).
+        learn(&seen, "k", 0, 0, 1_005, 5);
+        assert_eq!(get(&seen), Some((0, 0, 1_005)));
+        // Past the size bound, entries that no longer stand make room.
+        for i in 0..SEEN_MAX {
+            learn(&seen, &format!("old{i}"), 1, 0, 0, 5);
+        }
+        learn(&seen, "new", 1, 0, 2_000, 5);
+        assert_eq!(seen.len(), 1, "only the new entry stands at 2000");
     }
 
     #[test]

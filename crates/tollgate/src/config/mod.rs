@@ -203,6 +203,12 @@ pub struct RedisBatchingConfig {
     /// Write at once when this many settlements wait (default 1000).
     #[serde(default)]
     pub max_batch: Option<usize>,
+    /// After-mode admissions judge a counter by what this replica learned of it less
+    /// than `flush_interval` ago (a read, or its own write's reply) plus what it holds,
+    /// instead of reading it on every request (default true). Other replicas' spend then
+    /// shows up to one more interval late.
+    #[serde(default)]
+    pub cache_reads: Option<bool>,
 }
 
 /// `storage.redis.tls` and `backends[].tls`: PEM files, read at load (and at every

@@ -303,9 +303,11 @@ return out
 /// - 7 `ARGV` per counter from `ARGV[1 + 7(i-1)]`: actual (> 0), counter id, kind, limit,
 ///   window start, window end, expiry (window end plus grace).
 ///
-/// Returns nothing. `v` saturates at 2^53 - 1; a new hash gets its description and
-/// expiry, as in [`SETTLE`].
+/// Returns, per counter, its value after the charge and its reserved units: `{v1, r1,
+/// v2, r2, …}` (what a batching replica's read cache learns from its own writes). `v`
+/// saturates at 2^53 - 1; a new hash gets its description and expiry, as in [`SETTLE`].
 pub(crate) const CHARGE: &str = r#"
+local out = {}
 for i = 1, #KEYS do
   local h, a = KEYS[i], 7 * (i - 1)
   local v = redis.call('HINCRBY', h, 'v', ARGV[a + 1])
@@ -318,7 +320,10 @@ for i = 1, #KEYS do
     redis.call('HSETNX', h, 'lim', ARGV[a + 4])
     redis.call('PEXPIREAT', h, ARGV[a + 7])
   end
+  out[2 * i - 1] = v
+  out[2 * i] = tonumber(redis.call('HGET', h, 'r')) or 0
 end
+return out
 "#;
 
 /// Compensation on a cluster: undo an admission this script's slot made while another
