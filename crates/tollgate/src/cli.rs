@@ -415,12 +415,18 @@ fn build_store(
                 StoreOnError::FailOpen => OnError::FailOpen,
                 StoreOnError::FailClosed => OnError::FailClosed,
             };
-            let resilient = Arc::new(tollgate_limits::ResilientStore::new(
-                Arc::new(primary),
-                MemoryStore::new(grace),
-                mode,
-                storage.max_deferred_settlements.unwrap_or(100_000),
-            ));
+            // The outer bound stays above the Redis store's own, so a settlement held
+            // for a long batching interval is not given up on (and written twice).
+            let outer = primary.call_bound() + std::time::Duration::from_secs(1);
+            let resilient = Arc::new(
+                tollgate_limits::ResilientStore::new(
+                    Arc::new(primary),
+                    MemoryStore::new(grace),
+                    mode,
+                    storage.max_deferred_settlements.unwrap_or(100_000),
+                )
+                .with_call_timeout(outer),
+            );
             let probe = resilient.clone();
             let health: crate::proxy::StoreHealth = Box::new(move || {
                 match probe.state() {

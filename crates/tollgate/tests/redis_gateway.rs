@@ -576,3 +576,75 @@ async fn batched_settlements_all_land_and_are_written_at_shutdown() {
         "settlements held at shutdown were written"
     );
 }
+
+/// The longest flush interval (1 s) is not cut short by the gateway's outer bound on
+/// store calls: a settlement held for a whole interval is written once, and the store
+/// stays healthy (the outer bound used to give up on it first, marking Redis degraded
+/// and deferring a charge that the next attempt gave up on again).
+#[tokio::test]
+async fn a_one_second_flush_interval_is_written_once_and_stays_healthy() {
+    let up = Upstream::start().await;
+    let p = prefix("batching-1s");
+    let cfg = config(
+        up.addr,
+        "redis://127.0.0.1:6379",
+        &p,
+        "fail_open",
+        1_000_000,
+    )
+    .replace("    accounting: reserve\n", "")
+    .replace(
+        "    connect_timeout: 200ms\n",
+        "    connect_timeout: 200ms\n    batching: { flush_interval: 1s }\n",
+    );
+    let g = Gateway::start_at(&cfg, &[], near_now());
+    let c = client();
+    let r = c
+        .post(g.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .json(&chat(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let total = r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+        .as_u64()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = g.counter_value("tok/user/3600000/u1", None).await;
+        if seen == Some(total) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counter {seen:?}, want {total}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready: Value = c
+        .get(g.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["store"]["state"], "healthy", "{ready}");
+    // Nothing was given up on, so nothing waits to be written a second time.
+    assert!(
+        ready["store"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("deferred settlements: 0")),
+        "{ready}"
+    );
+    let m = c
+        .get(g.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("tollgate_store_degraded 0"), "{m}");
+}

@@ -374,6 +374,18 @@ impl RedisStore {
         self.grace
     }
 
+    /// The longest one call of this store may take by its own bounds: a batched charge
+    /// waits for its batch (up to the flush interval), then for the write (each call is
+    /// bounded by `timeout_ms`). An outer bound (the resilient store's) must be longer,
+    /// or it would give up on settlements that are still going to be written.
+    pub fn call_bound(&self) -> Duration {
+        self.timeout.saturating_mul(2)
+            + self
+                .batching
+                .as_ref()
+                .map_or(Duration::ZERO, |b| b.interval)
+    }
+
     pub fn stats(&self) -> RedisStats {
         RedisStats {
             outstanding_reservations: self.outstanding.load(Ordering::Relaxed),
@@ -737,11 +749,7 @@ impl RedisStore {
         }
         // The leader answers every charge it takes (or drops the sender, if it is itself
         // dropped mid-call: then this charge's fate is unknown, reported as a timeout).
-        let linger = self
-            .batching
-            .as_ref()
-            .map_or(Duration::ZERO, |b| b.interval);
-        match tokio::time::timeout(self.timeout.saturating_mul(2) + linger, rx).await {
+        match tokio::time::timeout(self.call_bound(), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) | Err(_) => Err(StoreError::Timeout(self.timeout_ms)),
         }
