@@ -1246,9 +1246,9 @@ async fn check(store: &dyn Store, at: u64, op: &CounterOp) -> Admission {
 }
 
 /// With batching's read cache, a replica judges after-mode checks by what it learned of
-/// a counter less than one interval (engine time) ago: another replica's spend is not
-/// seen until then, and is once the interval is over. A reset through this replica is
-/// seen at once.
+/// a counter less than two intervals (engine time) ago: another replica's spend is not
+/// seen until then, and is once they are over. A reset through this replica is seen at
+/// once.
 #[tokio::test]
 async fn cached_reads_stand_for_one_interval_then_are_read_again() {
     let cached = RedisStore::connect(RedisConfig {
@@ -1280,19 +1280,67 @@ async fn cached_reads_stand_for_one_interval_then_are_read_again() {
         .await
         .unwrap();
     assert_eq!(value_of(&other, t, &op).await.0, 10);
-    // Within the interval the other replica's 10 is not seen...
-    let a = check(&cached, t + 999, &op).await;
+    // Within two intervals the other replica's 10 is not seen...
+    let a = check(&cached, t + 1_999, &op).await;
     assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
     assert_eq!(snapshots(a)[0].value, 0);
     // ...and once it is over, the counter is read again.
-    let a = check(&cached, t + 1_000, &op).await;
+    let a = check(&cached, t + 2_000, &op).await;
     assert!(matches!(a, Admission::Refused(_)), "{a:?}");
     assert_eq!(snapshots(a)[0].value, 10);
     // A reset through this replica drops what it learned of the counter.
     assert_eq!(cached.reset(&op.id).await.unwrap(), 1);
-    let a = check(&cached, t + 1_001, &op).await;
+    let a = check(&cached, t + 2_001, &op).await;
     assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
     assert_eq!(snapshots(a)[0].value, 0);
+}
+
+/// How many `HMGET` calls a Redis server has answered since it started.
+fn hmget_calls(url: &str) -> u64 {
+    let client = ::redis::Client::open(url).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hmget:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A counter this replica keeps writing stays fresh from its writes' replies: with the
+/// engine clock moving half an interval per request, only the first check reads it
+/// (counted on a Redis server of the test's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_this_replica_writes_is_not_read_again() {
+    let dir = temp_dir("fresh");
+    let server = RedisProc::start(free_port(false), &dir, &[]);
+    let store = RedisStore::connect(RedisConfig {
+        batch_interval_ms: 10,
+        ..config(Some(server.url()), None)
+    })
+    .await
+    .unwrap();
+    let t = next_minute();
+    let op = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{}/fresh/c", run_id()), 1_000_000, 0, 0)
+    };
+    for k in 0..20u64 {
+        let now = t + 5 * k;
+        let r = rid();
+        let a = store
+            .admit(now, std::slice::from_ref(&op), r, 0)
+            .await
+            .unwrap();
+        store
+            .settle(now, &settlements(std::slice::from_ref(&op), &a, r, 1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(hmget_calls(&server.url()), 1, "reads after the first");
+    assert_eq!(value_of(&store, t + 100, &op).await.0, 20);
 }
 
 /// A batching replica learns a counter's value from the replies to its own writes: once
@@ -1314,7 +1362,7 @@ async fn cached_reads_learn_from_this_replicas_writes() {
         need: Need::Room,
         ..fixed(&format!("{}/learned/c", run_id()), 7, 0, 0)
     };
-    // Learned: 0 (stands 50 ms of engine time, which stays at t here).
+    // Learned: 0 (stands 100 ms of engine time, which stays at t here).
     let r = rid();
     let a = cached
         .admit(t, std::slice::from_ref(&op), r, 0)

@@ -131,10 +131,11 @@ pub struct RedisConfig {
     /// interval is up (bounds one call's size).
     pub batch_max: usize,
     /// With batching on: read-only admissions (after-mode tokens) judge a counter by what
-    /// this replica learned of it from Redis less than `batch_interval_ms` ago (a read,
-    /// or the reply to its own write) plus the charges it holds, instead of reading it
-    /// again. Each counter is then read at most about once per interval per replica,
-    /// and other replicas' spend shows up to one more interval late.
+    /// this replica learned of it from Redis less than two `batch_interval_ms` ago (a
+    /// read, or the reply to its own write) plus the charges it holds, instead of reading
+    /// it on every request. A counter this replica writes is kept fresh by its writes'
+    /// replies; other replicas' spend shows up to three intervals late (their hold, then
+    /// the age of this replica's view).
     pub batch_cache_reads: bool,
 }
 
@@ -654,15 +655,14 @@ impl RedisStore {
             .collect())
     }
 
-    /// `(value, reserved)` of every counter in `plans` from the read cache, if every one
-    /// was learned of less than `life` ms before `now`.
+    /// `(value, reserved)` of every counter in `plans` from the read cache, if every
+    /// entry still stands at `now` (`life`: the flush interval; see [`Seen`]).
     fn recall(&self, now: Millis, plans: &[OpPlan], life: u64) -> Option<Vec<(u64, u64)>> {
         plans
             .iter()
             .map(|p| {
                 let e = self.seen.get(p.keys.state.as_str())?;
-                (now >= e.born && now < e.born.saturating_add(life))
-                    .then_some((e.value, e.reserved))
+                stands(&e, now, life).then_some((e.value, e.reserved))
             })
             .collect()
     }
@@ -670,7 +670,7 @@ impl RedisStore {
     /// With the read cache: drop what was learned of counters a script is writing (an
     /// admission that takes, a settlement that releases, a rollback), so the next
     /// read-only admission reads them again. A read sent before the write and answered
-    /// after this can still leave the older figure for up to one interval.
+    /// after this can still leave the older figure for up to two intervals.
     fn forget<'a>(&self, keys: impl Iterator<Item = &'a CounterKeys>) {
         if self
             .batching
@@ -1154,19 +1154,26 @@ fn release_held(held: &dashmap::DashMap<String, u64>, key: &str, actual: u64) {
 struct Batching {
     interval: Duration,
     max: usize,
-    /// With the read cache: how long (engine ms) what was learned of a counter stands.
+    /// With the read cache: the flush interval in engine ms (see [`Seen`]).
     cache_for: Option<u64>,
 }
 
 /// What a batching replica learned of one counter-window from Redis: its value and
 /// reserved units, from a read or from the reply to one of its own writes.
 ///
-/// An entry stands for `cache_for` ms from `born` (the engine time its first figure was
-/// asked for), never longer: then the counter is read afresh, so a reset, or spend that
-/// no write of this replica reported, shows within one interval. While it stands, later
-/// figures only raise it (a window's value only grows): a reply that was overtaken (a
-/// read sent before one of this replica's writes landed, answered after it) cannot take
-/// that write back out of the view, while its charges have left [`RedisStore::held`].
+/// With `interval` the flush interval (`cache_for`):
+/// - An entry stands for two intervals from `born`, the engine time its figure was asked
+///   for; then the counter is read again before a check uses it.
+/// - A figure asked for at least one interval after `born` replaces the entry. So a
+///   reset, or spend that no write of this replica reported, shows within two intervals;
+///   and this replica's own writes (about one per interval while it has traffic) keep a
+///   busy counter's entry standing, so its checks never wait for a read.
+/// - A figure asked for sooner only raises the entry (a window's value only grows): a
+///   reply that was overtaken (a read sent before one of this replica's writes landed,
+///   answered after it) cannot take that write back out of the view while its charges
+///   have left [`RedisStore::held`]. Two replies crossing on two connections can still
+///   have the later-sent one replace the other: the view then lacks about a round trip's
+///   charges until the next figure.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     value: u64,
@@ -1178,6 +1185,11 @@ struct Seen {
 /// longer stand (sweep does so every second anyway).
 const SEEN_MAX: usize = 1 << 16;
 
+/// Whether `e` may still be used at `now` (see [`Seen`]).
+fn stands(e: &Seen, now: Millis, interval: u64) -> bool {
+    now >= e.born && now < e.born.saturating_add(interval.saturating_mul(2))
+}
+
 /// Record what Redis said of `key` at `at` (engine ms when the call was sent).
 fn learn(
     seen: &dashmap::DashMap<String, Seen>,
@@ -1185,10 +1197,10 @@ fn learn(
     value: u64,
     reserved: u64,
     at: Millis,
-    cache_for: u64,
+    interval: u64,
 ) {
     if let Some(mut e) = seen.get_mut(key) {
-        if at < e.born.saturating_add(cache_for) {
+        if at < e.born.saturating_add(interval) {
             e.value = e.value.max(value);
             e.reserved = e.reserved.max(reserved);
         } else {
@@ -1201,7 +1213,7 @@ fn learn(
         return;
     }
     if seen.len() >= SEEN_MAX {
-        seen.retain(|_, e| at < e.born.saturating_add(cache_for));
+        seen.retain(|_, e| stands(e, at, interval));
     }
     seen.insert(
         key.to_owned(),
@@ -1835,8 +1847,7 @@ impl Store for RedisStore {
     async fn sweep(&self, now: Millis) -> Result<SweepStats, StoreError> {
         self.prune(now);
         if let Some(life) = self.batching.as_ref().and_then(|b| b.cache_for) {
-            self.seen
-                .retain(|_, e| now >= e.born && now < e.born.saturating_add(life));
+            self.seen.retain(|_, e| stands(e, now, life));
         }
         let last = self.last_scan.load(Ordering::Relaxed);
         let due = last == u64::MAX || now < last || now - last >= self.scan_interval;
@@ -1950,22 +1961,26 @@ mod tests {
     }
 
     #[test]
-    fn what_was_learned_only_rises_while_it_stands_then_is_replaced() {
+    fn what_was_learned_rises_within_an_interval_then_is_replaced() {
         let seen = dashmap::DashMap::new();
         let get = |seen: &dashmap::DashMap<String, Seen>| {
             seen.get("k").map(|e| (e.value, e.reserved, e.born))
         };
         learn(&seen, "k", 10, 0, 1_000, 5);
         assert_eq!(get(&seen), Some((10, 0, 1_000)));
-        // An overtaken reply (lower figures) does not lower the view; a later one raises
-        // it without extending its life.
+        // Within an interval, an overtaken reply (lower figures) does not lower the view;
+        // a higher one raises it without renewing it.
         learn(&seen, "k", 7, 0, 1_002, 5);
         assert_eq!(get(&seen), Some((10, 0, 1_000)));
         learn(&seen, "k", 12, 3, 1_004, 5);
         assert_eq!(get(&seen), Some((12, 3, 1_000)));
-        // Once the entry no longer stands, the next figure replaces it (a reset shows).
+        // A figure asked for an interval or more later replaces it (a reset shows) and
+        // renews it: it stands for two intervals from then.
         learn(&seen, "k", 0, 0, 1_005, 5);
         assert_eq!(get(&seen), Some((0, 0, 1_005)));
+        let e = seen.get("k").map(|e| *e).unwrap();
+        assert!(stands(&e, 1_005, 5) && stands(&e, 1_014, 5));
+        assert!(!stands(&e, 1_015, 5) && !stands(&e, 1_004, 5));
         // Past the size bound, entries that no longer stand make room.
         for i in 0..SEEN_MAX {
             learn(&seen, &format!("old{i}"), 1, 0, 0, 5);

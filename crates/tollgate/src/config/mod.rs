@@ -204,9 +204,9 @@ pub struct RedisBatchingConfig {
     #[serde(default)]
     pub max_batch: Option<usize>,
     /// After-mode admissions judge a counter by what this replica learned of it less
-    /// than `flush_interval` ago (a read, or its own write's reply) plus what it holds,
-    /// instead of reading it on every request (default true). Other replicas' spend then
-    /// shows up to one more interval late.
+    /// than two `flush_interval`s ago (a read, or its own write's reply) plus what it
+    /// holds, instead of reading it on every request (default true). Other replicas'
+    /// spend then shows up to three intervals late instead of one.
     #[serde(default)]
     pub cache_reads: Option<bool>,
 }
