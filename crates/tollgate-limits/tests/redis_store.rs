@@ -1250,7 +1250,7 @@ async fn check(store: &dyn Store, at: u64, op: &CounterOp) -> Admission {
 /// seen until then, and is once they are over. A reset through this replica is seen at
 /// once.
 #[tokio::test]
-async fn cached_reads_stand_for_one_interval_then_are_read_again() {
+async fn cached_reads_stand_two_intervals_then_are_read_again() {
     let cached = RedisStore::connect(RedisConfig {
         batch_interval_ms: 1_000,
         ..config(Some(SHARED_URL.into()), None)
