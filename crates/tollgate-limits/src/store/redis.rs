@@ -747,12 +747,12 @@ impl RedisStore {
         if lead {
             self.flush_charges(batch).await;
         }
-        // The leader answers every charge it takes (or drops the sender, if it is itself
-        // dropped mid-call: then this charge's fate is unknown, reported as a timeout).
-        match tokio::time::timeout(self.call_bound(), rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) | Err(_) => Err(StoreError::Timeout(self.timeout_ms)),
-        }
+        // The leader answers every charge it takes, within `call_bound` (its linger and
+        // its call are bounded), or drops the sender if it is itself dropped mid-call:
+        // then this charge's fate is unknown, reported as a timeout. Charges it has not
+        // taken are failed by its `Reopen` guard. So no timer of its own here.
+        rx.await
+            .unwrap_or(Err(StoreError::Timeout(self.timeout_ms)))
     }
 
     /// Send the charges waiting on `batch`, in one script call per round, until none are

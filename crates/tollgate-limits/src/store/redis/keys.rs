@@ -42,21 +42,36 @@ impl KeySpace {
     }
 
     pub fn base(&self, id: &CounterId) -> String {
+        self.base_with_room(id, 0)
+    }
+
+    /// [`Self::base`] with room for `extra` more bytes (built on every request, so
+    /// without the formatting machinery).
+    fn base_with_room(&self, id: &CounterId, extra: usize) -> String {
+        let id = id.as_str();
+        let mut key = String::with_capacity(self.prefix.len() + id.len() + 4 + extra);
+        key.push('{');
+        key.push_str(&self.prefix);
         if self.cluster {
-            format!("{{{}:{}}}", self.prefix, id.as_str())
+            key.push(':');
+            key.push_str(id);
+            key.push('}');
         } else {
-            format!("{{{}}}:{}", self.prefix, id.as_str())
+            key.push_str("}:");
+            key.push_str(id);
         }
+        key
     }
 
     /// The keys `op` touches when admitted (or settled) in the window starting at
     /// `window_start` (ignored for buckets and concurrency counters).
     pub fn for_op(&self, op: &CounterOp, window_start: Millis) -> CounterKeys {
-        let mut state = self.base(&op.id);
+        // Room for ":w:" and 20 digits, and for the holds key's ":h".
+        let mut state = self.base_with_room(&op.id, 25);
         match op.rate {
             Rate::Fixed { .. } => {
                 state.push_str(":w:");
-                state.push_str(&window_start.to_string());
+                state.push_str(itoa::Buffer::new().format(window_start));
             }
             Rate::Bucket { .. } => state.push_str(":b"),
             Rate::Concurrency { .. } => state.push_str(":c"),
@@ -94,7 +109,10 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
 }
 
 pub(crate) fn holds_key(state: &str) -> String {
-    format!("{state}:h")
+    let mut key = String::with_capacity(state.len() + 2);
+    key.push_str(state);
+    key.push_str(":h");
+    key
 }
 
 /// Escape Redis glob specials (`*`, `?`, `[`, `]`, `\`).
@@ -176,6 +194,29 @@ mod tests {
             reserve: 0,
             replica: false,
         }
+    }
+
+    /// The layout is what replicas (and restarts, and upgrades) share: pinned here.
+    #[test]
+    fn key_layout_is_stable() {
+        let fixed = op(
+            "tok/user/60000/u1.",
+            Rate::Fixed {
+                limit: 10,
+                window: Window::aligned(60_000),
+            },
+        );
+        let single = KeySpace::new("tg", false).for_op(&fixed, 1_700_000_040_000);
+        assert_eq!(single.state, "{tg}:tok/user/60000/u1.:w:1700000040000");
+        assert_eq!(single.holds, "{tg}:tok/user/60000/u1.:w:1700000040000:h");
+        let cluster = KeySpace::new("tg", true).for_op(&fixed, 0);
+        assert_eq!(cluster.state, "{tg:tok/user/60000/u1.}:w:0");
+        assert_eq!(cluster.holds, "{tg:tok/user/60000/u1.}:w:0:h");
+        let max = KeySpace::new("tg", false).for_op(&fixed, u64::MAX);
+        assert_eq!(
+            max.state,
+            format!("{{tg}}:tok/user/60000/u1.:w:{}", u64::MAX)
+        );
     }
 
     #[test]
