@@ -1112,57 +1112,41 @@ async fn charge_each_once(
 /// every one lands exactly once, spread over several counters.
 #[tokio::test]
 async fn concurrent_plain_charges_land_exactly_once() {
-    let store = std::sync::Arc::new(
-        RedisStore::connect(config(Some(SHARED_URL.into()), None))
-            .await
-            .unwrap(),
-    );
-    let now = SystemClock.now_ms();
-    let base = format!("{}/batch/", run_id());
-    let ops: Vec<CounterOp> = (0..4)
-        .map(|i| CounterOp {
-            need: Need::Room,
-            ..fixed(&format!("{base}c{i}"), 1_000_000, 0, 0)
-        })
-        .collect();
-    charge_each_once(&store, now, &ops, 300).await;
-    for (i, op) in ops.iter().enumerate() {
-        let want: u64 = (0..300u64)
-            .filter(|n| n % 4 == i as u64)
-            .map(|n| n + 1)
-            .sum();
-        let a = store
-            .admit(now, std::slice::from_ref(op), rid(), 0)
-            .await
-            .unwrap();
-        assert_eq!(snapshots(a)[0].value, want, "counter {i}");
-    }
+    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap();
+    charges_land_exactly_once(store, "batch", 4).await;
 }
 
 /// With batching, many requests' charges to a few counters are added up locally and
 /// still land exactly once each.
 #[tokio::test]
 async fn batched_plain_charges_add_up_exactly() {
-    let store = std::sync::Arc::new(
-        RedisStore::connect(RedisConfig {
-            batch_interval_ms: 20,
-            ..config(Some(SHARED_URL.into()), None)
-        })
-        .await
-        .unwrap(),
-    );
+    let store = RedisStore::connect(RedisConfig {
+        batch_interval_ms: 20,
+        ..config(Some(SHARED_URL.into()), None)
+    })
+    .await
+    .unwrap();
+    charges_land_exactly_once(store, "batched", 3).await;
+}
+
+/// 300 concurrent charges of 1..=300 spread round-robin over `counters` counters; each
+/// counter ends with exactly the sum of its own.
+async fn charges_land_exactly_once(store: RedisStore, tag: &str, counters: u64) {
+    let store = std::sync::Arc::new(store);
     let now = SystemClock.now_ms();
-    let base = format!("{}/batched/", run_id());
-    let ops: Vec<CounterOp> = (0..3)
+    let base = format!("{}/{tag}/", run_id());
+    let ops: Vec<CounterOp> = (0..counters)
         .map(|i| CounterOp {
             need: Need::Room,
             ..fixed(&format!("{base}c{i}"), 1_000_000, 0, 0)
         })
         .collect();
     charge_each_once(&store, now, &ops, 300).await;
-    for (i, op) in ops.iter().enumerate() {
+    for (i, op) in (0..counters).zip(&ops) {
         let want: u64 = (0..300u64)
-            .filter(|n| n % 3 == i as u64)
+            .filter(|n| n % counters == i)
             .map(|n| n + 1)
             .sum();
         assert_eq!(

@@ -376,6 +376,7 @@ fn build_store(
         StorageKind::Redis => {
             let r = storage.redis.clone().unwrap_or_default();
             let defaults = tollgate_limits::RedisConfig::default();
+            let batching = r.batching.as_ref();
             let cfg = tollgate_limits::RedisConfig {
                 url: r.url,
                 cluster: r.cluster,
@@ -391,19 +392,15 @@ fn build_store(
                 settle_grace_ms: grace,
                 sweep_scan_interval_ms: defaults.sweep_scan_interval_ms,
                 tls: rt.redis_tls.clone(),
-                batch_interval_ms: r.batching.as_ref().map_or(0, |b| {
+                batch_interval_ms: batching.map_or(0, |b| {
                     b.flush_interval
                         .as_ref()
                         .map_or(DEFAULT_BATCH_INTERVAL_MS, |d| d.as_millis_u64())
                 }),
-                batch_max: r
-                    .batching
-                    .as_ref()
+                batch_max: batching
                     .and_then(|b| b.max_batch)
                     .unwrap_or(defaults.batch_max),
-                batch_cache_reads: r
-                    .batching
-                    .as_ref()
+                batch_cache_reads: batching
                     .and_then(|b| b.cache_reads)
                     .unwrap_or(defaults.batch_cache_reads),
             };

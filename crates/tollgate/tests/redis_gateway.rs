@@ -494,6 +494,29 @@ async fn sigterm_waits_for_settlements_on_their_way_to_redis() {
     );
 }
 
+/// [`config`] on the shared Redis with after-the-fact accounting, a budget nothing
+/// reaches, and `storage.redis.batching: <batching>` (inline YAML).
+fn batching_config(
+    up: std::net::SocketAddr,
+    prefix: &str,
+    on_error: &str,
+    batching: &str,
+) -> String {
+    config(up, "redis://127.0.0.1:6379", prefix, on_error, 1_000_000)
+        .replace("    accounting: reserve\n", "")
+        .replace(
+            "    connect_timeout: 200ms\n",
+            &format!("    connect_timeout: 200ms\n    batching: {batching}\n"),
+        )
+}
+
+/// The `usage.total_tokens` an answer reports.
+async fn tokens_of(r: reqwest::Response) -> u64 {
+    r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+        .as_u64()
+        .unwrap()
+}
+
 /// `storage.redis.batching`: two replicas hold their after-mode settlements up to the
 /// flush interval and write each counter's sum in one call. Every token still lands
 /// (both replicas read the same total), and a gateway told to stop writes what it holds.
@@ -504,17 +527,11 @@ async fn batched_settlements_all_land_and_are_written_at_shutdown() {
     let t0 = near_now();
     // After-the-fact accounting, and a 300 ms interval: long enough that shutdown
     // finds settlements still held.
-    let cfg = config(
+    let cfg = batching_config(
         up.addr,
-        "redis://127.0.0.1:6379",
         &p,
         "fail_closed",
-        1_000_000,
-    )
-    .replace("    accounting: reserve\n", "")
-    .replace(
-        "    connect_timeout: 200ms\n",
-        "    connect_timeout: 200ms\n    batching: { flush_interval: 300ms, max_batch: 1000 }\n",
+        "{ flush_interval: 300ms, max_batch: 1000 }",
     );
     let mut gws: Vec<Gateway> = (0..2).map(|_| Gateway::start_at(&cfg, &[], t0)).collect();
     let c = client();
@@ -529,9 +546,7 @@ async fn batched_settlements_all_land_and_are_written_at_shutdown() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        total += r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
-            .as_u64()
-            .unwrap();
+        total += tokens_of(r).await;
     }
     // Written within an interval or so; wait for it without assuming how long.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -560,9 +575,7 @@ async fn batched_settlements_all_land_and_are_written_at_shutdown() {
             .send()
             .await
             .unwrap();
-        more += r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
-            .as_u64()
-            .unwrap();
+        more += tokens_of(r).await;
     }
     let mut g0 = gws.remove(0);
     g0.signal("TERM");
@@ -585,18 +598,7 @@ async fn batched_settlements_all_land_and_are_written_at_shutdown() {
 async fn a_one_second_flush_interval_is_written_once_and_stays_healthy() {
     let up = Upstream::start().await;
     let p = prefix("batching-1s");
-    let cfg = config(
-        up.addr,
-        "redis://127.0.0.1:6379",
-        &p,
-        "fail_open",
-        1_000_000,
-    )
-    .replace("    accounting: reserve\n", "")
-    .replace(
-        "    connect_timeout: 200ms\n",
-        "    connect_timeout: 200ms\n    batching: { flush_interval: 1s }\n",
-    );
+    let cfg = batching_config(up.addr, &p, "fail_open", "{ flush_interval: 1s }");
     let g = Gateway::start_at(&cfg, &[], near_now());
     let c = client();
     let r = c
@@ -607,9 +609,7 @@ async fn a_one_second_flush_interval_is_written_once_and_stays_healthy() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let total = r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
-        .as_u64()
-        .unwrap();
+    let total = tokens_of(r).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let seen = g.counter_value("tok/user/3600000/u1", None).await;

@@ -341,7 +341,7 @@ impl RedisStore {
         let batching = (cfg.batch_interval_ms > 0).then(|| Batching {
             interval: Duration::from_millis(cfg.batch_interval_ms),
             max: cfg.batch_max.max(1),
-            cache_for: cfg.batch_cache_reads.then_some(cfg.batch_interval_ms),
+            cache_interval_ms: cfg.batch_cache_reads.then_some(cfg.batch_interval_ms),
         });
         Ok(RedisStore {
             batching,
@@ -577,14 +577,14 @@ impl RedisStore {
         if !reads_only {
             return Ok(None);
         }
-        let cache_for = self.batching.as_ref().and_then(|b| b.cache_for);
-        let rows = match cache_for.and_then(|life| self.recall(now, plans, life)) {
+        let interval = self.cache_interval();
+        let rows = match interval.and_then(|i| self.recall(now, plans, i)) {
             Some(rows) => rows,
             None => {
                 let rows = self.read_counters(plans).await?;
-                if let Some(life) = cache_for {
+                if let Some(i) = interval {
                     for (plan, &(v, r)) in plans.iter().zip(&rows) {
-                        learn(&self.seen, &plan.keys.state, v, r, now, life);
+                        learn(&self.seen, &plan.keys.state, v, r, now, i);
                     }
                 }
                 rows
@@ -629,6 +629,11 @@ impl RedisStore {
         Ok(Some((all, replies)))
     }
 
+    /// With batching's read cache: the flush interval in engine ms (see [`Seen`]).
+    fn cache_interval(&self) -> Option<u64> {
+        self.batching.as_ref().and_then(|b| b.cache_interval_ms)
+    }
+
     /// `(value, reserved)` of every counter in `plans`, as Redis has them: one `HMGET`
     /// per counter, pipelined.
     async fn read_counters(&self, plans: &[OpPlan]) -> Result<Vec<(u64, u64)>, StoreError> {
@@ -656,13 +661,13 @@ impl RedisStore {
     }
 
     /// `(value, reserved)` of every counter in `plans` from the read cache, if every
-    /// entry still stands at `now` (`life`: the flush interval; see [`Seen`]).
-    fn recall(&self, now: Millis, plans: &[OpPlan], life: u64) -> Option<Vec<(u64, u64)>> {
+    /// entry still stands at `now` (`interval`: the flush interval; see [`Seen`]).
+    fn recall(&self, now: Millis, plans: &[OpPlan], interval: u64) -> Option<Vec<(u64, u64)>> {
         plans
             .iter()
             .map(|p| {
                 let e = self.seen.get(p.keys.state.as_str())?;
-                stands(&e, now, life).then_some((e.value, e.reserved))
+                stands(&e, now, interval).then_some((e.value, e.reserved))
             })
             .collect()
     }
@@ -672,11 +677,7 @@ impl RedisStore {
     /// read-only admission reads them again. A read sent before the write and answered
     /// after this can still leave the older figure for up to two intervals.
     fn forget<'a>(&self, keys: impl Iterator<Item = &'a CounterKeys>) {
-        if self
-            .batching
-            .as_ref()
-            .is_some_and(|b| b.cache_for.is_some())
-        {
+        if self.cache_interval().is_some() {
             for k in keys {
                 self.seen.remove(k.state.as_str());
             }
@@ -789,7 +790,7 @@ impl RedisStore {
                     }
                 }
             }
-            let round = {
+            let (args, answers): (Vec<Vec<ChargeArgs>>, Vec<_>) = {
                 let mut q = batch.lock();
                 let round = std::mem::take(&mut q.waiting);
                 q.pending = 0;
@@ -799,18 +800,14 @@ impl RedisStore {
                     guard.armed = false;
                     return;
                 }
-                round
+                round.into_iter().unzip()
             };
-            let merged = merge_charges(round.iter().flat_map(|(args, _)| args));
+            let merged = merge_charges(args.iter().flatten());
             // Whatever becomes of this call, these charges are no longer held here once
             // it is over (written, or failed back to their callers).
             let _release = self.batching.is_some().then(|| Release {
                 held: &self.held,
-                charges: round
-                    .iter()
-                    .flat_map(|(args, _)| args)
-                    .map(|a| (a.key.clone(), a.actual))
-                    .collect(),
+                charges: &args,
             });
             let mut inv = CHARGE.prepare_invoke();
             for &(a, actual) in &merged {
@@ -829,27 +826,20 @@ impl RedisStore {
             };
             // What the write says of its counters, learned before their charges leave
             // the held book (`_release`), so the view never loses them in between.
-            if let (Ok(reply), Some(life)) =
-                (&result, self.batching.as_ref().and_then(|b| b.cache_for))
-            {
+            if let (Ok(reply), Some(interval)) = (&result, self.cache_interval()) {
                 // The latest settlement of the round: no later than the call.
-                let at = round
-                    .iter()
-                    .flat_map(|(args, _)| args)
-                    .map(|a| a.now)
-                    .max()
-                    .unwrap_or(0);
+                let at = args.iter().flatten().map(|a| a.now).max().unwrap_or(0);
                 // A reply of another shape teaches nothing; the write stands.
                 if reply.len() == 2 * merged.len() {
                     for ((a, _), vr) in merged.iter().zip(reply.chunks_exact(2)) {
                         let num =
                             |i: usize| vr.get(i).map_or(0, |&x| u64::try_from(x).unwrap_or(0));
-                        learn(&self.seen, &a.key, num(0), num(1), at, life);
+                        learn(&self.seen, &a.key, num(0), num(1), at, interval);
                     }
                 }
             }
             let result = result.map(drop);
-            for (_, tx) in round {
+            for tx in answers {
                 let _ = tx.send(result.clone());
             }
         }
@@ -1127,26 +1117,29 @@ impl ChargeBatch {
     }
 }
 
-/// Charges leaving the held book (see `RedisStore::held`) when dropped.
+/// One round's charges leaving the held book (see `RedisStore::held`) when dropped.
 struct Release<'a> {
     held: &'a dashmap::DashMap<String, u64>,
-    charges: Vec<(String, u64)>,
+    charges: &'a [Vec<ChargeArgs>],
 }
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        for (key, actual) in &self.charges {
-            release_held(self.held, key, *actual);
-        }
+        release_held(self.held, self.charges.iter().flatten());
     }
 }
 
-/// Take `actual` off `key`'s held charges; the entry goes when nothing is left.
-fn release_held(held: &dashmap::DashMap<String, u64>, key: &str, actual: u64) {
-    held.remove_if_mut(key, |_, v| {
-        *v = v.saturating_sub(actual);
-        *v == 0
-    });
+/// Take `charges` off the held book; an entry goes when nothing is left of it.
+fn release_held<'a>(
+    held: &dashmap::DashMap<String, u64>,
+    charges: impl Iterator<Item = &'a ChargeArgs>,
+) {
+    for c in charges {
+        held.remove_if_mut(c.key.as_str(), |_, v| {
+            *v = v.saturating_sub(c.actual);
+            *v == 0
+        });
+    }
 }
 
 /// `storage.redis.batching`: how long a plain charge may wait to share a call.
@@ -1155,13 +1148,13 @@ struct Batching {
     interval: Duration,
     max: usize,
     /// With the read cache: the flush interval in engine ms (see [`Seen`]).
-    cache_for: Option<u64>,
+    cache_interval_ms: Option<u64>,
 }
 
 /// What a batching replica learned of one counter-window from Redis: its value and
 /// reserved units, from a read or from the reply to one of its own writes.
 ///
-/// With `interval` the flush interval (`cache_for`):
+/// With `interval` the flush interval (`cache_interval_ms`):
 /// - An entry stands for two intervals from `born`, the engine time its figure was asked
 ///   for; then the counter is read again before a check uses it.
 /// - A figure asked for at least one interval after `born` replaces the entry. So a
@@ -1264,9 +1257,7 @@ impl Drop for Reopen<'_> {
         q.flushing = false;
         q.pending = 0;
         for (args, tx) in q.waiting.drain(..) {
-            for a in &args {
-                release_held(self.held, &a.key, a.actual);
-            }
+            release_held(self.held, args.iter());
             let _ = tx.send(Err(StoreError::Unavailable(
                 "charge abandoned by its batch's sender".into(),
             )));
@@ -1846,8 +1837,8 @@ impl Store for RedisStore {
 
     async fn sweep(&self, now: Millis) -> Result<SweepStats, StoreError> {
         self.prune(now);
-        if let Some(life) = self.batching.as_ref().and_then(|b| b.cache_for) {
-            self.seen.retain(|_, e| stands(e, now, life));
+        if let Some(interval) = self.cache_interval() {
+            self.seen.retain(|_, e| stands(e, now, interval));
         }
         let last = self.last_scan.load(Ordering::Relaxed);
         let due = last == u64::MAX || now < last || now - last >= self.scan_interval;
