@@ -1,5 +1,5 @@
 //! Hot paths of the wire-format crate: SSE scan + meter per MB of a realistic chat stream,
-//! and request inspection of a ~2 KB chat body.
+//! request inspection of a ~2 KB chat body, and usage read from whole response bodies.
 //!
 //! `cargo bench -p tollgate-llm -- --warm-up-time 1 --measurement-time 3`
 
@@ -8,7 +8,9 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tollgate_llm::{ensure_stream_usage, inspect_request, Api, Forward, SseScanner, StreamMeter};
+use tollgate_llm::{
+    ensure_stream_usage, inspect_request, usage_from_body, Api, Forward, SseScanner, StreamMeter,
+};
 
 /// About 1 MiB of OpenAI chat chunks shaped like the captured gpt-5-nano stream: one
 /// short content delta per event, `usage: null`, then the usage-only chunk and `[DONE]`.
@@ -120,6 +122,49 @@ fn request(c: &mut Criterion) {
     group.finish();
 }
 
+/// Usage read from whole (non-streamed) bodies, as the proxy does once per response: a
+/// pretty-printed chat completion (OpenAI's layout, and the simulator's) and an
+/// embeddings list of 1,536 floats, usage last in both.
+fn usage_bodies(c: &mut Criterion) {
+    let usage = serde_json::json!({
+        "completion_tokens": 16,
+        "completion_tokens_details": {"accepted_prediction_tokens": 0, "audio_tokens": 0,
+            "reasoning_tokens": 0, "rejected_prediction_tokens": 0},
+        "prompt_tokens": 2,
+        "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
+        "total_tokens": 18
+    });
+    let chat = serde_json::to_vec_pretty(&serde_json::json!({
+        "choices": [{"finish_reason": "stop", "index": 0, "logprobs": null, "message": {
+            "annotations": [], "refusal": null, "role": "assistant",
+            "content": "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et "}}],
+        "created": 1_795_426_438u64, "id": "chatcmpl-sim000000000001",
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "object": "chat.completion",
+        "service_tier": "default", "system_fingerprint": null, "usage": usage
+    }))
+    .unwrap();
+    let floats: Vec<f64> = (0..1536)
+        .map(|i| f64::from(i) * 0.000_123_4 - 0.09)
+        .collect();
+    let embeddings = serde_json::to_vec(&serde_json::json!({
+        "object": "list", "model": "text-embedding-3-small",
+        "data": [{"object": "embedding", "index": 0, "embedding": floats}],
+        "usage": {"prompt_tokens": 8, "total_tokens": 8}
+    }))
+    .unwrap();
+    let mut group = c.benchmark_group("usage_from_body");
+    for (name, api, body) in [
+        ("chat_pretty", Api::Chat, &chat),
+        ("embeddings_1536", Api::Embeddings, &embeddings),
+    ] {
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(format!("{name}/{}B", body.len()), |b| {
+            b.iter(|| black_box(usage_from_body(api, black_box(body)).unwrap()))
+        });
+    }
+    group.finish();
+}
+
 /// Exact BPE (o200k_base) per KB of English-like prompt text; runs off the async
 /// workers in the proxy, only for policies with `prompt_estimate: exact`.
 fn bpe(c: &mut Criterion) {
@@ -135,5 +180,5 @@ fn bpe(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sse, request, bpe);
+criterion_group!(benches, sse, request, usage_bodies, bpe);
 criterion_main!(benches);

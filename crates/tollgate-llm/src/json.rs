@@ -182,6 +182,108 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     }
 }
 
+/// Where a top-level member of a JSON object is, as [`top_level_member`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Member {
+    /// The member's value starts at this offset (after the `:`; whitespace may lead).
+    At(usize),
+    /// The body is one object, balanced, and has no such member.
+    Absent,
+    /// Not decided here: not an object, unbalanced or truncated, the key given twice, or
+    /// a top-level key spelled with escapes. The caller parses the body in full instead.
+    Unsure,
+}
+
+/// Finds the value of the top-level member `key` of the JSON object in `bytes` without
+/// parsing the rest. It stops only at quotes and braces (`memchr3`, so whitespace,
+/// numbers and brackets pass at vector speed) and skips each string to its closing quote
+/// (`memchr2`), tracking how many objects are open. A quoted `key` followed by `:` is a
+/// member name (inside a string its quotes would be escaped) of the innermost open
+/// object, so with one object open it is a top-level member; arrays do not change whose
+/// member a name is, so brackets need no tracking. Numbers, literals and brackets are not
+/// checked: a body broken elsewhere but balanced in braces can still yield its member.
+/// Everything this cannot decide for certain is [`Member::Unsure`].
+pub(crate) fn top_level_member(bytes: &[u8], key: &[u8]) -> Member {
+    let Some(open) = bytes.iter().position(|b| !b.is_ascii_whitespace()) else {
+        return Member::Unsure;
+    };
+    if bytes[open] != b'{' {
+        return Member::Unsure;
+    }
+    let mut depth = 1usize;
+    let mut found = None;
+    let mut i = open + 1;
+    loop {
+        let Some(off) = bytes
+            .get(i..)
+            .and_then(|rest| memchr::memchr3(b'"', b'{', b'}', rest))
+        else {
+            return Member::Unsure;
+        };
+        i += off;
+        match bytes[i] {
+            b'"' => {
+                let start = i + 1;
+                let Some(end) = string_end(bytes, start) else {
+                    return Member::Unsure;
+                };
+                i = end + 1;
+                if depth != 1 {
+                    continue;
+                }
+                let colon = skip_whitespace(bytes, i);
+                if bytes.get(colon) != Some(&b':') {
+                    continue;
+                }
+                let name = &bytes[start..end];
+                if name.contains(&b'\\') {
+                    return Member::Unsure;
+                }
+                if name == key {
+                    if found.is_some() {
+                        return Member::Unsure;
+                    }
+                    found = Some(colon + 1);
+                }
+                i = colon + 1;
+            }
+            b'{' => {
+                depth += 1;
+                i += 1;
+            }
+            _ => {
+                depth -= 1;
+                i += 1;
+                if depth == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    if bytes[i..].iter().all(u8::is_ascii_whitespace) {
+        found.map_or(Member::Absent, Member::At)
+    } else {
+        Member::Unsure
+    }
+}
+
+/// The offset of the quote closing the string whose contents start at `from`.
+fn string_end(bytes: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from + memchr::memchr2(b'"', b'\\', bytes.get(from..)?)?;
+        if bytes[at] == b'"' {
+            return Some(at);
+        }
+        from = at + 2;
+    }
+}
+
+fn skip_whitespace(bytes: &[u8], from: usize) -> usize {
+    from + bytes.get(from..).map_or(0, |rest| {
+        rest.iter().take_while(|b| b.is_ascii_whitespace()).count()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +292,38 @@ mod tests {
         match parse_unique(json.as_bytes()) {
             Err(ParseError::Duplicate(d)) => Some(d),
             _ => None,
+        }
+    }
+
+    #[test]
+    fn finds_only_a_top_level_member() {
+        let at = |json: &str| top_level_member(json.as_bytes(), b"usage");
+        let body = r#"{"id":"x", "usage" :{"a":1}}"#;
+        assert_eq!(at(body), Member::At(body.find(":{").unwrap() + 1));
+        assert_eq!(at("\n {\"usage\":null}\n"), Member::At(11));
+        // Nested, or only inside strings: not the body's usage.
+        for json in [
+            r#"{"x":{"usage":{"a":1}}}"#,
+            r#"{"x":[{"usage":1}],"y":"\"usage\":{"}"#,
+            r#"{"text":"usage","usages":1}"#,
+            r#"{"a":"}}]]\\","b":"{\"usage\":1}"}"#,
+            "{}",
+        ] {
+            assert_eq!(at(json), Member::Absent, "{json}");
+        }
+        // What a full parse must decide.
+        for json in [
+            r#"{"usage":1,"usage":2}"#,
+            r#"{"usa\u0067e":1}"#,
+            r#"[{"usage":1}]"#,
+            r#"{"usage":{"a":1}"#,
+            r#"{"usage":"open"#,
+            r#"{"usage":1} x"#,
+            r#"{"usage":1}}"#,
+            "",
+            "   ",
+        ] {
+            assert_eq!(at(json), Member::Unsure, "{json}");
         }
     }
 

@@ -351,6 +351,12 @@ fn bodies_yield_their_usage() {
     for (file, api, expected) in BODIES {
         let body = read(file);
         assert_eq!(usage_from_body(*api, &body), *expected, "{file}");
+        // The scan used for large bodies reads every real body alike, whatever its size.
+        assert_eq!(
+            tollgate_llm::usage::usage_from_scan(*api, &body),
+            *expected,
+            "{file}: scan"
+        );
         // BodyMeter agrees, in any chunking, and flags nothing on real bodies.
         let mut meter = BodyMeter::new(*api, 1 << 20);
         for chunk in body.chunks(97) {
