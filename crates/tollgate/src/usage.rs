@@ -23,11 +23,43 @@ struct Bucket {
     estimated: u64,
 }
 
-type Key = (String, String, String);
+type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
+/// Buckets by identity, then policy, then model: a request's key is looked up by `&str`
+/// at each level, so recording allocates only for a key not seen before.
+#[derive(Default)]
+struct Book {
+    by_identity: Map<Map<Map<VecDeque<Bucket>>>>,
+    /// Distinct (identity, policy, model) keys, bounded by [`MAX_KEYS`].
+    keys: usize,
+}
+
+impl Book {
+    fn get_mut(
+        &mut self,
+        identity: &str,
+        policy: &str,
+        model: &str,
+    ) -> Option<&mut VecDeque<Bucket>> {
+        self.by_identity
+            .get_mut(identity)?
+            .get_mut(policy)?
+            .get_mut(model)
+    }
+
+    fn insert(&mut self, identity: &str, policy: &str, model: &str) {
+        let policies = self.by_identity.entry(identity.to_owned()).or_default();
+        let models = policies.entry(policy.to_owned()).or_default();
+        if !models.contains_key(model) {
+            models.insert(model.to_owned(), VecDeque::new());
+            self.keys += 1;
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct UsageLedger {
-    inner: Mutex<HashMap<Key, VecDeque<Bucket>>>,
+    inner: Mutex<Book>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -55,16 +87,23 @@ impl UsageLedger {
         total: u64,
         estimated: bool,
     ) {
-        let mut map = match self.inner.lock() {
+        let mut book = match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let mut key = (identity.to_owned(), policy.to_owned(), model.to_owned());
-        if !map.contains_key(&key) && map.len() >= MAX_KEYS {
-            key.0 = "other".into();
+        let mut identity = identity;
+        if book.get_mut(identity, policy, model).is_none() {
+            if book.keys >= MAX_KEYS {
+                identity = "other";
+            }
+            if book.get_mut(identity, policy, model).is_none() {
+                book.insert(identity, policy, model);
+            }
         }
+        let Some(q) = book.get_mut(identity, policy, model) else {
+            return; // inserted just above, under the same lock
+        };
         let at = now_ms - now_ms % BUCKET_MS;
-        let q = map.entry(key).or_default();
         if q.back().map(|b| b.at_ms) != Some(at) {
             q.push_back(Bucket {
                 at_ms: at,
@@ -85,13 +124,19 @@ impl UsageLedger {
 
     /// Totals since `since_ms`, sorted by total tokens, largest first.
     pub fn totals(&self, since_ms: u64) -> Vec<UsageRow> {
-        let map = match self.inner.lock() {
+        let book = match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let mut rows: Vec<UsageRow> = map
-            .iter()
-            .filter_map(|((identity, policy, model), q)| {
+        let keys = book.by_identity.iter().flat_map(|(identity, policies)| {
+            policies.iter().flat_map(move |(policy, models)| {
+                models
+                    .iter()
+                    .map(move |(model, q)| (identity, policy, model, q))
+            })
+        });
+        let mut rows: Vec<UsageRow> = keys
+            .filter_map(|(identity, policy, model, q)| {
                 let mut row = UsageRow {
                     identity: identity.clone(),
                     policy: policy.clone(),
@@ -145,5 +190,24 @@ mod tests {
                 .total_tokens,
             2
         );
+    }
+
+    #[test]
+    fn keys_past_the_bound_fold_into_other() {
+        let l = UsageLedger::default();
+        for i in 0..MAX_KEYS {
+            l.record(0, &format!("u{i}"), "p", "m", 1, 0, 1, false);
+        }
+        l.record(0, "late-1", "p", "m", 5, 0, 5, false);
+        l.record(0, "late-2", "p", "m", 7, 0, 7, false);
+        // A key already kept still records under its own name.
+        l.record(0, "u7", "p", "m", 2, 0, 2, false);
+        let rows = l.totals(0);
+        assert_eq!(rows.len(), MAX_KEYS + 1);
+        assert_eq!(rows[0].identity, "other");
+        assert_eq!((rows[0].total_tokens, rows[0].requests), (12, 2));
+        assert!(rows.iter().all(|r| !r.identity.starts_with("late")));
+        assert_eq!(rows[1].identity, "u7");
+        assert_eq!(rows[1].total_tokens, 3);
     }
 }
