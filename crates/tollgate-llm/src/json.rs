@@ -204,10 +204,10 @@ pub(crate) enum Member {
 /// checked: a body broken elsewhere but balanced in braces can still yield its member.
 /// Everything this cannot decide for certain is [`Member::Unsure`].
 pub(crate) fn top_level_member(bytes: &[u8], key: &[u8]) -> Member {
-    let Some(open) = bytes.iter().position(|b| !b.is_ascii_whitespace()) else {
-        return Member::Unsure;
-    };
-    if bytes[open] != b'{' {
+    // Offset of the first non-whitespace byte at or after `from`.
+    let past_whitespace = |from: usize| bytes.len() - bytes[from..].trim_ascii_start().len();
+    let open = past_whitespace(0);
+    if bytes.get(open) != Some(&b'{') {
         return Member::Unsure;
     }
     let mut depth = 1usize;
@@ -231,7 +231,7 @@ pub(crate) fn top_level_member(bytes: &[u8], key: &[u8]) -> Member {
                 if depth != 1 {
                     continue;
                 }
-                let colon = skip_whitespace(bytes, i);
+                let colon = past_whitespace(i);
                 if bytes.get(colon) != Some(&b':') {
                     continue;
                 }
@@ -260,7 +260,7 @@ pub(crate) fn top_level_member(bytes: &[u8], key: &[u8]) -> Member {
             }
         }
     }
-    if bytes[i..].iter().all(u8::is_ascii_whitespace) {
+    if past_whitespace(i) == bytes.len() {
         found.map_or(Member::Absent, Member::At)
     } else {
         Member::Unsure
@@ -276,12 +276,6 @@ fn string_end(bytes: &[u8], mut from: usize) -> Option<usize> {
         }
         from = at + 2;
     }
-}
-
-fn skip_whitespace(bytes: &[u8], from: usize) -> usize {
-    from + bytes.get(from..).map_or(0, |rest| {
-        rest.iter().take_while(|b| b.is_ascii_whitespace()).count()
-    })
 }
 
 #[cfg(test)]
