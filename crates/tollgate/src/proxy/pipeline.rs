@@ -947,10 +947,6 @@ where
         }
     }
 
-    let pq = match &cx.query {
-        Some(q) => format!("{}?{}", cx.path, q),
-        None => cx.path.clone(),
-    };
     let upstream_started = Instant::now();
     let result = match &backend.target {
         BackendTarget::Simulator(sim) => {
@@ -990,17 +986,17 @@ where
             authority,
             base_path,
         } => {
-            let uri = format!("{scheme}://{authority}{base_path}{pq}");
-            let uri: http::Uri = match uri.parse() {
-                Ok(u) => u,
-                Err(e) => {
-                    settle.release_now();
-                    return Err((
-                        Some(cx),
-                        GatewayError::BadRequest(format!("cannot build upstream URI: {e}")),
-                    ));
-                }
-            };
+            let uri =
+                match upstream_uri(scheme, authority, base_path, &cx.path, cx.query.as_deref()) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        settle.release_now();
+                        return Err((
+                            Some(cx),
+                            GatewayError::BadRequest(format!("cannot build upstream URI: {e}")),
+                        ));
+                    }
+                };
             if let Some(h) = host_header(authority) {
                 up_headers.insert(HOST, h);
             }
@@ -1081,6 +1077,30 @@ where
     Ok(resp)
 }
 
+/// The upstream URI: the backend's scheme and authority (parsed once, at load) and its base
+/// path followed by the request's canonical path and query, which alone are parsed here.
+fn upstream_uri(
+    scheme: &http::uri::Scheme,
+    authority: &http::uri::Authority,
+    base_path: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Result<http::Uri, http::Error> {
+    let mut pq =
+        String::with_capacity(base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    pq.push_str(base_path);
+    pq.push_str(path);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(http::uri::PathAndQuery::from_maybe_shared(Bytes::from(pq))?);
+    Ok(http::Uri::from_parts(parts)?)
+}
+
 fn meter_passthrough(m: &CallMeter) -> bool {
     use super::body::ChunkMeter;
     m.passthrough()
@@ -1101,6 +1121,38 @@ fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::strip_port;
+
+    #[test]
+    fn upstream_uri_joins_base_path_path_and_query() {
+        let uri = |scheme: &str, authority: &str, base: &str, path: &str, query: Option<&str>| {
+            super::upstream_uri(
+                &scheme.parse().unwrap(),
+                &authority.parse().unwrap(),
+                base,
+                path,
+                query,
+            )
+            .map(|u| u.to_string())
+        };
+        assert_eq!(
+            uri("http", "127.0.0.1:8000", "", "/v1/chat/completions", None).unwrap(),
+            "http://127.0.0.1:8000/v1/chat/completions"
+        );
+        assert_eq!(
+            uri(
+                "https",
+                "api.example.com",
+                "/openai",
+                "/v1/models",
+                Some("a=1&b=%20")
+            )
+            .unwrap(),
+            "https://api.example.com/openai/v1/models?a=1&b=%20"
+        );
+        assert_eq!(uri("http", "h", "", "/", Some("")).unwrap(), "http://h/?");
+        // A byte a URI cannot carry is an error, not a panic.
+        assert!(uri("http", "h", "", "/a b", None).is_err());
+    }
 
     #[test]
     fn disguised_llm_paths() {
