@@ -38,6 +38,8 @@ pub enum BackendTarget {
     Url {
         scheme: http::uri::Scheme,
         authority: http::uri::Authority,
+        /// The `Host` header sent upstream: the authority, made once at load.
+        host: Option<HeaderValue>,
         /// Path prefix without trailing slash ("" for none).
         base_path: String,
     },
@@ -971,6 +973,7 @@ impl Builder {
                 }
                 BackendTarget::Url {
                     scheme,
+                    host: crate::proxy::upstream::host_header(&authority),
                     authority,
                     base_path: uri.path().trim_end_matches('/').to_owned(),
                 }

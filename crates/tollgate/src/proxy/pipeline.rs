@@ -34,7 +34,7 @@ use super::error::GatewayError;
 use super::metering::{CallMeter, Cutoff, Settle};
 use super::path::canonicalize;
 use super::ratelimit_headers;
-use super::upstream::{downstream_headers, host_header, upstream_headers};
+use super::upstream::{downstream_headers, upstream_headers};
 use super::Gateway;
 use crate::auth::{self, AuthFailure, Identity};
 use crate::config::RouteAuth;
@@ -984,6 +984,7 @@ where
         BackendTarget::Url {
             scheme,
             authority,
+            host,
             base_path,
         } => {
             let uri =
@@ -997,8 +998,8 @@ where
                         ));
                     }
                 };
-            if let Some(h) = host_header(authority) {
-                up_headers.insert(HOST, h);
+            if let Some(h) = host {
+                up_headers.insert(HOST, h.clone());
             }
             let req_body: ProxyBody = match out_body {
                 Some(b) => {
@@ -1094,11 +1095,11 @@ fn upstream_uri(
         pq.push('?');
         pq.push_str(q);
     }
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme.clone());
-    parts.authority = Some(authority.clone());
-    parts.path_and_query = Some(http::uri::PathAndQuery::from_maybe_shared(Bytes::from(pq))?);
-    Ok(http::Uri::from_parts(parts)?)
+    http::Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(pq)
+        .build()
 }
 
 fn meter_passthrough(m: &CallMeter) -> bool {
