@@ -1,7 +1,9 @@
 //! `tollgate-floor`: the cost floor of tollgate's HTTP stack, for the load benchmark.
 //!
 //! A reverse proxy built from exactly the parts tollgate proxies with — hyper's HTTP/1
-//! server, hyper-util's pooled client, one single-threaded tokio runtime per proxy thread
+//! server, hyper's HTTP/1 client connections kept in a pool per proxy thread that takes a
+//! connection back as soon as its response body ends (as tollgate's pool for plain-HTTP
+//! upstreams, `proxy/pool.rs`, does), one single-threaded tokio runtime per proxy thread
 //! fed by one accept loop, TCP_NODELAY both ways — and nothing else: no routing, auth,
 //! CEL, limits, body inspection or metering. It forwards every request to one upstream
 //! and drops the `Authorization` header. `bench/load.sh --floors` puts it in the table, so
@@ -15,11 +17,15 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
 use clap::Parser;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 
 // The allocator tollgate runs with, so the floor is measured like for like.
 #[global_allocator]
@@ -147,11 +153,6 @@ async fn worker(mut rx: tokio::sync::mpsc::UnboundedReceiver<Conn>, target: Targ
             }
         },
     };
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .build(http);
     while let Some((stream, peer)) = rx.recv().await {
         let stream = match stream
             .set_nonblocking(true)
@@ -163,12 +164,11 @@ async fn worker(mut rx: tokio::sync::mpsc::UnboundedReceiver<Conn>, target: Targ
                 continue;
             }
         };
-        let client = client.clone();
         let upstream = target.upstream.clone();
         let redis = redis.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                forward(client.clone(), upstream.clone(), redis.clone(), req)
+                forward(upstream.clone(), redis.clone(), req)
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -179,12 +179,18 @@ async fn worker(mut rx: tokio::sync::mpsc::UnboundedReceiver<Conn>, target: Targ
 
 type RedisRead = Option<(redis::aio::MultiplexedConnection, String)>;
 
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+thread_local! {
+    /// This proxy thread's idle upstream connections.
+    static IDLE: RefCell<Vec<SendRequest<Incoming>>> = const { RefCell::new(Vec::new()) };
+}
+
 async fn forward(
-    client: Client<HttpConnector, Incoming>,
     upstream: http::uri::Authority,
     redis: RedisRead,
     mut req: http::Request<Incoming>,
-) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+) -> Result<http::Response<Pooled>, Error> {
     if let Some((mut conn, key)) = redis {
         let read: redis::RedisResult<Vec<Option<u64>>> = redis::cmd("HMGET")
             .arg(&key)
@@ -196,14 +202,73 @@ async fn forward(
             eprintln!("tollgate-floor: Redis read failed: {e}");
         }
     }
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(upstream);
-    parts.path_and_query = req.uri().path_and_query().cloned();
-    // Scheme, authority and an origin-form path always make a valid URI.
-    if let Ok(uri) = http::Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
     req.headers_mut().remove(http::header::AUTHORIZATION);
-    client.request(req).await
+    let mut sender = loop {
+        match IDLE.with(|idle| idle.borrow_mut().pop()) {
+            Some(mut sender) => {
+                if sender.ready().await.is_ok() {
+                    break sender;
+                }
+            }
+            None => {
+                let tcp = tokio::net::TcpStream::connect(upstream.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                break sender;
+            }
+        }
+    };
+    let resp = sender.send_request(req).await?;
+    Ok(resp.map(|body| Pooled {
+        body,
+        sender: Some(sender),
+    }))
+}
+
+/// A response body that shelves its connection once read to the end.
+struct Pooled {
+    body: Incoming,
+    sender: Option<SendRequest<Incoming>>,
+}
+
+impl Pooled {
+    fn give_back(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            IDLE.with(|idle| idle.borrow_mut().push(sender));
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl Body for Pooled {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.give_back();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }

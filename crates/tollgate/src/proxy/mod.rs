@@ -11,6 +11,7 @@ pub mod error;
 pub mod metering;
 pub mod path;
 pub mod pipeline;
+pub mod pool;
 pub mod ratelimit_headers;
 pub mod tls;
 pub mod upstream;

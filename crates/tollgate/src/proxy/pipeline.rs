@@ -1025,11 +1025,8 @@ where
             let client = backend.client.as_ref().unwrap_or(&gw.client);
             match tokio::time::timeout(timeout, client.send(req)).await {
                 Err(_) => Err(GatewayError::UpstreamTimeout(timeout.as_millis() as u64)),
-                Ok(Err(e)) => Err(GatewayError::UpstreamConnect(describe_client_error(&e))),
-                Ok(Ok(resp)) => {
-                    let (p, b) = resp.into_parts();
-                    Ok((p, b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
-                }
+                Ok(Err(e)) => Err(GatewayError::UpstreamConnect(e.0)),
+                Ok(Ok(resp)) => Ok(resp.into_parts()),
             }
         }
     };
@@ -1105,18 +1102,6 @@ fn upstream_uri(
 fn meter_passthrough(m: &CallMeter) -> bool {
     use super::body::ChunkMeter;
     m.passthrough()
-}
-
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]

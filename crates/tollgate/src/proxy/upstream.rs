@@ -1,6 +1,7 @@
-//! The upstream side: one pooled HTTP client (HTTP/1.1 and HTTP/2, rustls with the
-//! webpki and system root stores for HTTPS; a client of its own for a backend with its own
-//! CA or client certificate) and the rewriting of a client request into an upstream
+//! The upstream side: pooled connections (plain HTTP: our own per-thread HTTP/1.1 pool,
+//! see [`super::pool`]; HTTPS: hyper-util's client, HTTP/1.1 or HTTP/2 by ALPN, rustls with
+//! the webpki and system root stores; a client of its own for a backend with its own CA or
+//! client certificate) and the rewriting of a client request into an upstream
 //! request: hop-by-hop headers dropped, the client's gateway credential removed, the
 //! backend's key and static headers injected.
 
@@ -11,18 +12,51 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use http_body_util::BodyExt;
+
 use super::body::ProxyBody;
+use super::pool::PlainPool;
 use crate::runtime::Backend;
 
 pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// A pooled HTTP client. Each proxy thread gets a pool of its own (built on first use;
-/// see `tollgate_limits::affinity`), so an upstream connection is only ever used by the
+/// A pooled HTTP client. Each proxy thread gets pools of its own (see
+/// `tollgate_limits::affinity`), so an upstream connection is only ever used by the
 /// thread that drives it.
 #[derive(Clone)]
 pub struct UpstreamClient {
     connector: HttpsConnector,
+    /// HTTPS upstreams, one hyper-util client per proxy thread (built on first use).
     pools: std::sync::Arc<[std::sync::OnceLock<Client<HttpsConnector, ProxyBody>>]>,
+    /// Plain-HTTP upstreams.
+    plain: PlainPool,
+}
+
+/// How long an idle upstream connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream and proxy thread.
+const MAX_IDLE: usize = 1024;
+
+/// Why a request got no response from the upstream: the error and its causes, one line.
+#[derive(Debug)]
+pub struct UpstreamError(pub String);
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An error followed by its chain of causes.
+fn describe(e: &dyn std::error::Error) -> UpstreamError {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    UpstreamError(msg)
 }
 
 /// PEM material for one backend's TLS: a private CA to trust instead of the default
@@ -106,12 +140,19 @@ fn client_tls_config(tls: Option<&UpstreamTls>) -> Result<rustls::ClientConfig, 
     }
 }
 
-fn connector(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpsConnector {
+/// The TCP connector under both pools: TCP_NODELAY, keep-alive probes, bounded connect
+/// time.
+fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    http
+}
+
+fn connector(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpsConnector {
+    let http = tcp_connector(connect_timeout);
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -145,40 +186,49 @@ pub fn https_connector(connect_timeout: Duration) -> HttpsConnector {
 
 impl UpstreamClient {
     pub fn new(connect_timeout: Duration) -> Self {
-        Self::over(https_connector(connect_timeout))
+        Self::over(https_connector(connect_timeout), connect_timeout)
     }
 
     /// A client of its own for a backend with its own TLS settings (`backends[].tls`).
     pub fn with_tls(connect_timeout: Duration, tls: &UpstreamTls) -> Result<Self, String> {
-        Ok(Self::over(connector(
+        Ok(Self::over(
+            connector(connect_timeout, client_tls_config(Some(tls))?),
             connect_timeout,
-            client_tls_config(Some(tls))?,
-        )))
+        ))
     }
 
-    fn over(connector: HttpsConnector) -> Self {
+    fn over(connector: HttpsConnector, connect_timeout: Duration) -> Self {
         Self {
             connector,
             pools: (0..tollgate_limits::affinity::SLOTS)
                 .map(|_| std::sync::OnceLock::new())
                 .collect(),
+            plain: PlainPool::new(tcp_connector(connect_timeout), IDLE_TIMEOUT, MAX_IDLE),
         }
     }
 
     fn pool(&self) -> &Client<HttpsConnector, ProxyBody> {
         self.pools[tollgate_limits::affinity::slot()].get_or_init(|| {
             Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(1024)
+                .pool_idle_timeout(IDLE_TIMEOUT)
+                .pool_max_idle_per_host(MAX_IDLE)
                 .build(self.connector.clone())
         })
     }
 
+    /// Sends `req` (an absolute URI) upstream: `http://` on the plain pool, anything else
+    /// on hyper-util's client.
     pub async fn send(
         &self,
         req: http::Request<ProxyBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        self.pool().request(req).await
+    ) -> Result<http::Response<ProxyBody>, UpstreamError> {
+        if req.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
+            return self.plain.send(req).await.map_err(|e| describe(&e));
+        }
+        match self.pool().request(req).await {
+            Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync())),
+            Err(e) => Err(describe(&e)),
+        }
     }
 }
 
