@@ -1,6 +1,6 @@
 //! Hostile clients and misbehaving upstreams through the real server: listener limits
 //! (header caps, slowloris, load shedding, keep-alive, h2c, TLS with h2 and certificate
-//! reload), upstream idle streams, and adversarial requests (credentials, JWT tricks,
+//! reload), upstream idle streams and connection reuse, and adversarial requests (credentials, JWT tricks,
 //! admin reachability, path tricks, header injection, request smuggling, budget evasion,
 //! upstream 429s). Timeouts are asserted with generous bounds only.
 
@@ -407,6 +407,89 @@ async fn keep_alive_serves_several_requests_per_connection_unless_disabled() {
         .await
         .unwrap();
     assert_eq!(resp.matches("HTTP/1.1 200").count(), 1, "{resp}");
+}
+
+/// Upstream connections are kept and reused across requests; a stream the client gives up
+/// half-way takes its upstream connection with it (its unread rest must never be taken
+/// for the next call's response), and the calls after it are served on a fresh one.
+#[tokio::test]
+async fn upstream_connections_are_reused_and_an_abandoned_stream_closes_its_own() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    // The simulator, slow enough per token that a stream is still running when the
+    // client leaves, behind a TCP relay that counts the connections made to it.
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_addr = sim_listener.local_addr().unwrap();
+    let sim = Arc::new(tollgate_sim::Simulator::new(tollgate_sim::SimConfig {
+        model: "sim-model".into(),
+        latency_ms: 0,
+        ms_per_token: 20,
+        default_max_tokens: 16,
+    }));
+    tokio::spawn(tollgate_sim::serve(sim_listener, sim.clone()));
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(sim_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+
+    let gw = Gateway::start(&config(relay_addr, "  workers: 1", 1_000_000_000));
+    let http = client();
+    let chat = |max_tokens: u64| {
+        http.post(gw.url("/v1/chat/completions"))
+            .header("authorization", "Bearer k1")
+            .json(&chat_body(max_tokens))
+            .send()
+    };
+    for n in 1..=5u64 {
+        let resp = chat(n).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["usage"]["completion_tokens"], n, "{body}");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one connection, kept"
+    );
+
+    // A 200-token stream (4 s at 20 ms a token), abandoned after its first bytes.
+    let mut stream = http
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Bearer k1")
+        .json(
+            &json!({"model": "sim-model", "stream": true, "max_tokens": 200,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.unwrap().is_some());
+    drop(stream);
+
+    for n in 6..=8u64 {
+        let resp = chat(n).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["usage"]["completion_tokens"], n, "{body}");
+        assert_eq!(body["object"], "chat.completion", "{body}");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "the abandoned stream's connection was dropped, one new connection took the rest"
+    );
 }
 
 /// A POST of `body` over an HTTP/2 connection already handshaken.
