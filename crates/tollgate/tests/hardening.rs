@@ -1,8 +1,9 @@
 //! Hostile clients and misbehaving upstreams through the real server: listener limits
 //! (header caps, slowloris, load shedding, keep-alive, h2c, TLS with h2 and certificate
-//! reload), upstream idle streams and connection reuse, and adversarial requests (credentials, JWT tricks,
-//! admin reachability, path tricks, header injection, request smuggling, budget evasion,
-//! upstream 429s). Timeouts are asserted with generous bounds only.
+//! reload), upstream idle streams and connection reuse, and adversarial requests
+//! (credentials, JWT tricks, admin reachability, path tricks, header injection, request
+//! smuggling, budget evasion, upstream 429s). Timeouts are asserted with generous bounds
+//! only.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
