@@ -20,10 +20,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# A port nothing listens on, from below the kernel's ephemeral range (see load.sh).
 free_port() {
-  local p i
+  local p i lo=10000 hi=32768
+  [[ -r /proc/sys/net/ipv4/ip_local_port_range ]] && read -r hi _ </proc/sys/net/ipv4/ip_local_port_range
+  ((hi > lo + 1000)) || { lo=20000; hi=60000; }
   for i in $(seq 1 100); do
-    p=$((20000 + RANDOM % 40000))
+    p=$((lo + RANDOM % (hi - lo)))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
   done
   die "no free port found"

@@ -120,12 +120,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A port nothing listens on (checked, then handed to the server; the window is tiny).
+# A port nothing listens on (checked, then handed to the server; the window is tiny), from
+# below the kernel's ephemeral range: outgoing connections (the gateways' own, to the
+# simulator and Redis) take their local ports from that range, and one holding a port
+# makes a later listen on it fail.
 TAKEN_PORTS=" "
 free_port() {
-  local p i
+  local p i lo=10000 hi=32768
+  [[ -r /proc/sys/net/ipv4/ip_local_port_range ]] && read -r hi _ </proc/sys/net/ipv4/ip_local_port_range
+  ((hi > lo + 1000)) || { lo=20000; hi=60000; }
   for i in $(seq 1 100); do
-    p=$((20000 + RANDOM % 40000))
+    p=$((lo + RANDOM % (hi - lo)))
     [[ $TAKEN_PORTS == *" $p "* ]] && continue
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       TAKEN_PORTS+="$p "
