@@ -420,15 +420,7 @@ async fn upstream_connections_are_reused_and_an_abandoned_stream_closes_its_own(
 
     // The simulator, slow enough per token that a stream is still running when the
     // client leaves, behind a TCP relay that counts the connections made to it.
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_addr = sim_listener.local_addr().unwrap();
-    let sim = Arc::new(tollgate_sim::Simulator::new(tollgate_sim::SimConfig {
-        model: "sim-model".into(),
-        latency_ms: 0,
-        ms_per_token: 20,
-        default_max_tokens: 16,
-    }));
-    tokio::spawn(tollgate_sim::serve(sim_listener, sim.clone()));
+    let sim_addr = Upstream::start_paced(20).await.addr;
     let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_addr = relay.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));

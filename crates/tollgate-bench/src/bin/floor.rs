@@ -14,11 +14,10 @@
 //! key, on a multiplexed connection per proxy thread, as tollgate's after-mode admission
 //! reads its counters): the floor of what a Redis-backed check adds on this machine.
 
-use std::net::SocketAddr;
-use std::process::ExitCode;
-
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::process::ExitCode;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;

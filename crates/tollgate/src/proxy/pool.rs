@@ -82,7 +82,13 @@ impl Shelf {
 #[derive(Clone)]
 pub struct PlainPool {
     connector: HttpConnector,
-    shelves: Arc<[Mutex<Shelf>]>,
+    shelves: Arc<Shelves>,
+}
+
+/// The shelves and their limits: what a response body holds on to, to hand its
+/// connection back.
+struct Shelves {
+    slots: Box<[Mutex<Shelf>]>,
     idle_timeout: Duration,
     max_idle: usize,
 }
@@ -91,56 +97,14 @@ impl PlainPool {
     pub fn new(connector: HttpConnector, idle_timeout: Duration, max_idle: usize) -> Self {
         PlainPool {
             connector,
-            shelves: (0..tollgate_limits::affinity::SLOTS)
-                .map(|_| Mutex::new(Shelf::default()))
-                .collect(),
-            idle_timeout,
-            max_idle,
+            shelves: Arc::new(Shelves {
+                slots: (0..tollgate_limits::affinity::SLOTS)
+                    .map(|_| Mutex::new(Shelf::default()))
+                    .collect(),
+                idle_timeout,
+                max_idle,
+            }),
         }
-    }
-
-    fn shelf(&self, slot: usize) -> MutexGuard<'_, Shelf> {
-        // The shelf holds no invariant a panic could break half-way: keep using it.
-        self.shelves[slot]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// An idle connection to `authority` that is still open and not past the idle
-    /// timeout, most recently used first (its socket is the likeliest to be warm).
-    fn checkout(&self, slot: usize, authority: &Authority) -> Option<SendRequest<ProxyBody>> {
-        let mut shelf = self.shelf(slot);
-        let queue = shelf.queue(authority);
-        while let Some(idle) = queue.pop_back() {
-            if idle.since.elapsed() >= self.idle_timeout {
-                // Everything in front of it is older still.
-                queue.clear();
-                return None;
-            }
-            if !idle.sender.is_closed() {
-                return Some(idle.sender);
-            }
-        }
-        None
-    }
-
-    fn put_back(&self, slot: usize, authority: &Authority, sender: SendRequest<ProxyBody>) {
-        if sender.is_closed() || self.max_idle == 0 {
-            return;
-        }
-        let now = Instant::now();
-        let mut shelf = self.shelf(slot);
-        let queue = shelf.queue(authority);
-        while queue
-            .front()
-            .is_some_and(|idle| now.duration_since(idle.since) >= self.idle_timeout)
-        {
-            queue.pop_front();
-        }
-        if queue.len() >= self.max_idle {
-            queue.pop_front();
-        }
-        queue.push_back(Idle { sender, since: now });
     }
 
     async fn connect(&self, authority: &Authority) -> Result<SendRequest<ProxyBody>, PoolError> {
@@ -195,7 +159,7 @@ impl PlainPool {
 
         let slot = tollgate_limits::affinity::slot();
         loop {
-            let (mut sender, reused) = match self.checkout(slot, &authority) {
+            let (mut sender, reused) = match self.shelves.checkout(slot, &authority) {
                 Some(sender) => (sender, true),
                 None => (self.connect(&authority).await?, false),
             };
@@ -208,7 +172,7 @@ impl PlainPool {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let back = Return {
-                        pool: self.clone(),
+                        shelves: Arc::clone(&self.shelves),
                         slot,
                         authority,
                         sender,
@@ -232,9 +196,55 @@ impl PlainPool {
     }
 }
 
+impl Shelves {
+    fn shelf(&self, slot: usize) -> MutexGuard<'_, Shelf> {
+        // The shelf holds no invariant a panic could break half-way: keep using it.
+        self.slots[slot]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An idle connection to `authority` that is still open and not past the idle
+    /// timeout, most recently used first (its socket is the likeliest to be warm).
+    fn checkout(&self, slot: usize, authority: &Authority) -> Option<SendRequest<ProxyBody>> {
+        let mut shelf = self.shelf(slot);
+        let queue = shelf.queue(authority);
+        while let Some(idle) = queue.pop_back() {
+            if idle.since.elapsed() >= self.idle_timeout {
+                // Everything in front of it is older still.
+                queue.clear();
+                return None;
+            }
+            if !idle.sender.is_closed() {
+                return Some(idle.sender);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, slot: usize, authority: &Authority, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut shelf = self.shelf(slot);
+        let queue = shelf.queue(authority);
+        while queue
+            .front()
+            .is_some_and(|idle| now.duration_since(idle.since) >= self.idle_timeout)
+        {
+            queue.pop_front();
+        }
+        if queue.len() >= self.max_idle {
+            queue.pop_front();
+        }
+        queue.push_back(Idle { sender, since: now });
+    }
+}
+
 /// What a response body needs to hand its connection back.
 struct Return {
-    pool: PlainPool,
+    shelves: Arc<Shelves>,
     slot: usize,
     authority: Authority,
     sender: SendRequest<ProxyBody>,
@@ -251,7 +261,8 @@ struct PooledBody {
 impl PooledBody {
     fn give_back(&mut self) {
         if let Some(back) = self.back.take() {
-            back.pool.put_back(back.slot, &back.authority, back.sender);
+            back.shelves
+                .put_back(back.slot, &back.authority, back.sender);
         }
     }
 }
@@ -456,7 +467,7 @@ mod tests {
             // Wait (bounded) until the shelved connection is known to be closed, so the
             // next request meets a dead connection on the shelf.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !pool.shelf(0).hosts[0]
+            while !pool.shelves.shelf(0).hosts[0]
                 .1
                 .iter()
                 .all(|i| i.sender.is_closed())
@@ -464,7 +475,7 @@ mod tests {
                 assert!(Instant::now() < deadline, "the upstream never closed");
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            assert_eq!(pool.shelf(0).hosts[0].1.len(), 1, "round {round}");
+            assert_eq!(pool.shelves.shelf(0).hosts[0].1.len(), 1, "round {round}");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }

@@ -8,11 +8,10 @@
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-
-use http_body_util::BodyExt;
 
 use super::body::ProxyBody;
 use super::pool::PlainPool;

@@ -279,12 +279,17 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start() -> Self {
+        Self::start_paced(0).await
+    }
+
+    /// A simulator that takes `ms_per_token` per generated token.
+    pub async fn start_paced(ms_per_token: u64) -> Self {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let sim = Arc::new(tollgate_sim::Simulator::new(tollgate_sim::SimConfig {
             model: "sim-model".into(),
             latency_ms: 0,
-            ms_per_token: 0,
+            ms_per_token,
             default_max_tokens: 16,
         }));
         tokio::spawn(tollgate_sim::serve(l, sim.clone()));
