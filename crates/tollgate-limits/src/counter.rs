@@ -22,7 +22,7 @@ impl CounterId {
         s.push('/');
         escape_into(&mut s, limit);
         s.push('/');
-        s.push_str(&window_ms.to_string());
+        s.push_str(itoa::Buffer::new().format(window_ms));
         for v in values {
             s.push('/');
             escape_into(&mut s, v.as_ref());
@@ -47,6 +47,11 @@ impl fmt::Display for CounterId {
 }
 
 fn escape_into(out: &mut String, part: &str) {
+    // Names and counter values rarely hold either character: copied whole.
+    if !part.bytes().any(|b| b == b'%' || b == b'/') {
+        out.push_str(part);
+        return;
+    }
     for c in part.chars() {
         match c {
             '%' => out.push_str("%25"),
@@ -115,4 +120,24 @@ pub struct CounterOp {
     /// configured store is shared (Redis). Only [`crate::store::split::SplitStore`]
     /// reads it; every other store counts the op itself.
     pub replica: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CounterId;
+
+    #[test]
+    fn ids_escape_their_separator_so_parts_cannot_run_together() {
+        let id = CounterId::new("p/x", "l%", 60_000, &["a/b", "plain", "100%/"]);
+        assert_eq!(id.as_str(), "p%2Fx/l%25/60000/a%2Fb/plain/100%25%2F");
+        assert_eq!(
+            CounterId::new("tutorial", "free", 0, &["user-1"]).as_str(),
+            "tutorial/free/0/user-1"
+        );
+        // Without escaping these two would be the same counter.
+        assert_ne!(
+            CounterId::new("p", "l", 1, &["a", "b/c"]),
+            CounterId::new("p", "l", 1, &["a/b", "c"])
+        );
+    }
 }

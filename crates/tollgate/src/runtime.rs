@@ -24,7 +24,7 @@ use crate::config::{
 const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
 
 pub struct Backend {
-    pub name: String,
+    pub name: Arc<str>,
     pub target: BackendTarget,
     /// The injected upstream credential (header name, value marked sensitive).
     pub credential: Option<(HeaderName, HeaderValue)>,
@@ -1059,7 +1059,7 @@ impl Builder {
             .as_ref()
             .and_then(|tls| self.backend_tls(path, bc, tls));
         Some(Backend {
-            name: bc.name.clone(),
+            name: Arc::from(bc.name.as_str()),
             target,
             credential,
             headers,

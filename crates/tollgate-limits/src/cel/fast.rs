@@ -18,6 +18,8 @@ use cel::common::ast::{operators, ComprehensionExpr, Expr, IdedExpr, LiteralValu
 use cel::objects::Key;
 use cel::Value;
 
+use super::{Attr, Record};
+
 /// A compiled expression of the supported subset.
 #[derive(Debug)]
 pub(super) enum Fast {
@@ -145,42 +147,92 @@ fn quantifier(c: &ComprehensionExpr) -> Option<Fast> {
 /// Loop variables in scope, innermost last.
 type Locals<'a> = Vec<(&'a str, Value)>;
 
+/// What an attribute path names: a value, or a record not yet needed as a map.
+enum Node<'a> {
+    Val(Cow<'a, Value>),
+    Rec(&'a Record),
+}
+
+impl<'a> Node<'a> {
+    fn into_value(self) -> Cow<'a, Value> {
+        match self {
+            Node::Val(v) => v,
+            Node::Rec(r) => Cow::Borrowed(r.value()),
+        }
+    }
+}
+
+fn attr_node(a: &Attr) -> Node<'_> {
+    match a {
+        Attr::Value(v) => Node::Val(Cow::Borrowed(v)),
+        Attr::Record(r) => Node::Rec(r),
+    }
+}
+
 impl Fast {
-    /// The value, or `None`: let the interpreter decide.
-    pub(super) fn eval<'a>(
+    /// Variables and member paths on records are resolved here without building maps;
+    /// everything else is [`Fast::eval`].
+    fn node<'a>(
         &'a self,
-        vars: &'a [(&'static str, Value)],
+        vars: &'a [(&'static str, Attr)],
         locals: &mut Locals<'a>,
-    ) -> Option<Cow<'a, Value>> {
+    ) -> Option<Node<'a>> {
         Some(match self {
-            Fast::Lit(v) => Cow::Borrowed(v),
             Fast::Var(name) => {
                 if let Some((_, v)) = locals.iter().rev().find(|(n, _)| n == name) {
-                    Cow::Owned(v.clone())
+                    Node::Val(Cow::Owned(v.clone()))
                 } else {
-                    Cow::Borrowed(&vars.iter().find(|(n, _)| n == name)?.1)
+                    attr_node(&vars.iter().find(|(n, _)| n == name)?.1)
                 }
             }
-            Fast::Select(operand, key) => match operand.eval(vars, locals)? {
-                Cow::Borrowed(Value::Map(m)) => Cow::Borrowed(m.map.get(key)?),
-                Cow::Owned(Value::Map(m)) => Cow::Owned(m.map.get(key)?.clone()),
-                _ => return None,
-            },
-            Fast::Has(operand, key) => match operand.eval(vars, locals)?.as_ref() {
-                Value::Map(m) => Cow::Owned(Value::Bool(m.map.contains_key(key))),
-                _ => return None,
+            Fast::Select(operand, key) => match operand.node(vars, locals)? {
+                Node::Rec(r) => attr_node(r.get(key_str(key)?)?),
+                Node::Val(Cow::Borrowed(Value::Map(m))) => {
+                    Node::Val(Cow::Borrowed(m.map.get(key)?))
+                }
+                Node::Val(Cow::Owned(Value::Map(m))) => {
+                    Node::Val(Cow::Owned(m.map.get(key)?.clone()))
+                }
+                Node::Val(_) => return None,
             },
             Fast::Index(operand, index) => {
                 let key = match index.eval(vars, locals)?.as_ref() {
                     Value::String(s) => Key::String(s.clone()),
                     _ => return None,
                 };
-                match operand.eval(vars, locals)? {
-                    Cow::Borrowed(Value::Map(m)) => Cow::Borrowed(m.map.get(&key)?),
-                    Cow::Owned(Value::Map(m)) => Cow::Owned(m.map.get(&key)?.clone()),
-                    _ => return None,
+                match operand.node(vars, locals)? {
+                    Node::Rec(r) => attr_node(r.get(key_str(&key)?)?),
+                    Node::Val(Cow::Borrowed(Value::Map(m))) => {
+                        Node::Val(Cow::Borrowed(m.map.get(&key)?))
+                    }
+                    Node::Val(Cow::Owned(Value::Map(m))) => {
+                        Node::Val(Cow::Owned(m.map.get(&key)?.clone()))
+                    }
+                    Node::Val(_) => return None,
                 }
             }
+            other => Node::Val(other.eval(vars, locals)?),
+        })
+    }
+
+    /// The value, or `None`: let the interpreter decide.
+    pub(super) fn eval<'a>(
+        &'a self,
+        vars: &'a [(&'static str, Attr)],
+        locals: &mut Locals<'a>,
+    ) -> Option<Cow<'a, Value>> {
+        Some(match self {
+            Fast::Lit(v) => Cow::Borrowed(v),
+            Fast::Var(_) | Fast::Select(..) | Fast::Index(..) => {
+                self.node(vars, locals)?.into_value()
+            }
+            Fast::Has(operand, key) => match operand.node(vars, locals)? {
+                Node::Rec(r) => Cow::Owned(Value::Bool(r.get(key_str(key)?).is_some())),
+                Node::Val(v) => match v.as_ref() {
+                    Value::Map(m) => Cow::Owned(Value::Bool(m.map.contains_key(key))),
+                    _ => return None,
+                },
+            },
             Fast::Eq(a, b, want) => {
                 let a = a.eval(vars, locals)?;
                 let b = b.eval(vars, locals)?;
@@ -305,6 +357,14 @@ impl Fast {
     }
 }
 
+/// A field name: records have string keys only.
+fn key_str(key: &Key) -> Option<&str> {
+    match key {
+        Key::String(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
 /// `var == "lit"` / `"lit" == var` (`true`) or `!=` (`false`): the literal.
 fn var_vs_literal<'a>(pred: &'a Fast, var: &str) -> Option<(&'a str, bool)> {
     let Fast::Eq(a, b, eq) = pred else {
@@ -338,11 +398,31 @@ fn plain_eq(a: &Value, b: &Value) -> Option<bool> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use super::super::{map, string, Attrs, Expr};
+    use super::super::{map, string, Attr, Attrs, Expr, Record};
     use super::*;
     use proptest::prelude::*;
 
-    fn activation(path: &str, groups: &str, tier: Option<&str>, header: &str) -> Attrs {
+    /// How an activation's variables are represented; every form must read the same.
+    #[derive(Debug, Clone, Copy)]
+    enum Form {
+        /// CEL maps throughout.
+        Maps,
+        /// Records, nested maps included ([`Record::from_value`]).
+        Records,
+        /// As the gateway builds them: `request` a [`Record::new`] of values (its headers a
+        /// CEL map), `auth` a record around the identity's record.
+        Gateway,
+    }
+
+    const FORMS: [Form; 3] = [Form::Maps, Form::Records, Form::Gateway];
+
+    fn activation_in(
+        form: Form,
+        path: &str,
+        groups: &str,
+        tier: Option<&str>,
+        header: &str,
+    ) -> Attrs {
         let mut identity = vec![
             ("userid", string("user-1")),
             ("groups", string(groups)),
@@ -357,19 +437,43 @@ mod tests {
         if let Some(t) = tier {
             identity.push(("tier", string(t)));
         }
+        let request = vec![
+            ("path", string(path)),
+            ("method", string("POST")),
+            ("model", string("gpt-4o-mini")),
+            ("headers", map([("x-tier", string(header))])),
+            ("query", map([("x", string("1"))])),
+        ];
+        let auth = map([("identity", map(identity.clone()))]);
+        let source = map([("port", Value::Int(4242))]);
+        let record = |v: &Value| Record::from_value(v).unwrap();
         let mut a = Attrs::new();
-        a.set(
-            "request",
-            map([
-                ("path", string(path)),
-                ("method", string("POST")),
-                ("model", string("gpt-4o-mini")),
-                ("headers", map([("x-tier", string(header))])),
-                ("query", map([("x", string("1"))])),
-            ]),
-        );
-        a.set("auth", map([("identity", map(identity))]));
-        a.set("source", map([("port", Value::Int(4242))]));
+        match form {
+            Form::Maps => {
+                a.set("request", map(request));
+                a.set("auth", auth);
+                a.set("source", source);
+            }
+            Form::Records => {
+                a.set("request", record(&map(request)));
+                a.set("auth", record(&auth));
+                a.set("source", record(&source));
+            }
+            Form::Gateway => {
+                a.set(
+                    "request",
+                    Record::new(request.into_iter().map(|(k, v)| (k, Attr::Value(v)))),
+                );
+                a.set(
+                    "auth",
+                    Record::new([("identity", Attr::Record(record(&map(identity))))]),
+                );
+                a.set(
+                    "source",
+                    Record::new([("port", Attr::Value(Value::Int(4242)))]),
+                );
+            }
+        }
         a
     }
 
@@ -398,6 +502,13 @@ mod tests {
         r#"auth.identity.roles.exists(g, auth.identity.groups.split(",").exists(g, g == "gold"))"#,
         r#"request.query.x == "1""#,
         "null == null",
+        "has(request.model)",
+        "has(request.nothing)",
+        "has(request.query.x)",
+        r#"request["path"] == "/v1/chat/completions""#,
+        r#"auth.identity["userid"]"#,
+        "auth.identity",
+        "request.query",
     ];
 
     /// Expressions it steps aside for (compiled or not): the interpreter answers.
@@ -422,6 +533,11 @@ mod tests {
         r#""a" in request.headers"#,
         "request.path > \"a\"",
         "auth.identity.flag ? 1 : 2",
+        r#""path" in request"#,
+        "auth.identity.userid.missing",
+        r#"request["nothing"] == "x""#,
+        "size(auth.identity) > 2",
+        "request == request",
     ];
 
     fn same(source: &str, a: &Attrs) {
@@ -433,7 +549,19 @@ mod tests {
 
     #[test]
     fn direct_answers_equal_the_interpreter() {
-        let a = activation("/v1/chat/completions", "free,gold", Some("gold"), "gold");
+        for form in FORMS {
+            direct_answers_equal_the_interpreter_in(form);
+        }
+    }
+
+    fn direct_answers_equal_the_interpreter_in(form: Form) {
+        let a = activation_in(
+            form,
+            "/v1/chat/completions",
+            "free,gold",
+            Some("gold"),
+            "gold",
+        );
         for source in DIRECT {
             let e = Expr::compile(source).unwrap();
             assert!(
@@ -442,20 +570,28 @@ mod tests {
             );
             let direct = e
                 .eval_direct(&a)
-                .unwrap_or_else(|| panic!("stepped aside: {source}"));
-            assert_eq!(Ok(direct), e.interpret(&a), "{source}");
+                .unwrap_or_else(|| panic!("stepped aside: {source} ({form:?})"));
+            assert_eq!(Ok(direct), e.interpret(&a), "{source} ({form:?})");
         }
     }
 
     #[test]
     fn everything_else_is_the_interpreters() {
-        for a in [
-            activation("/v1/chat/completions", "free,gold", Some("gold"), "gold"),
-            activation("/v1/models", "", None, ""),
-            activation("/", ",,", Some(""), "x"),
-        ] {
-            for source in DIRECT.iter().chain(OTHER) {
-                same(source, &a);
+        for form in FORMS {
+            for a in [
+                activation_in(
+                    form,
+                    "/v1/chat/completions",
+                    "free,gold",
+                    Some("gold"),
+                    "gold",
+                ),
+                activation_in(form, "/v1/models", "", None, ""),
+                activation_in(form, "/", ",,", Some(""), "x"),
+            ] {
+                for source in DIRECT.iter().chain(OTHER) {
+                    same(source, &a);
+                }
             }
         }
         // A missing variable is the interpreter's error, word for word.
@@ -473,10 +609,12 @@ mod tests {
             tier in proptest::option::of("[a-z]{0,6}"),
             header in "[a-zA-Z ,]{0,10}",
         ) {
-            let a = activation(&path, &groups, tier.as_deref(), &header);
-            for source in DIRECT.iter().chain(OTHER) {
-                let e = Expr::compile(source).unwrap();
-                prop_assert_eq!(e.eval(&a), e.interpret(&a), "{}", source);
+            for form in FORMS {
+                let a = activation_in(form, &path, &groups, tier.as_deref(), &header);
+                for source in DIRECT.iter().chain(OTHER) {
+                    let e = Expr::compile(source).unwrap();
+                    prop_assert_eq!(e.eval(&a), e.interpret(&a), "{} ({:?})", source, form);
+                }
             }
         }
     }

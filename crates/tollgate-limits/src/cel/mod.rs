@@ -7,6 +7,7 @@
 
 mod fast;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
@@ -314,7 +315,7 @@ fn identifier_chains(src: &str) -> Vec<String> {
 /// (converting the variables is most of an evaluation's cost).
 #[derive(Default)]
 pub struct Attrs {
-    vars: Vec<(&'static str, Value)>,
+    vars: Vec<(&'static str, Attr)>,
     ctx: OnceLock<Context<'static, 'static>>,
 }
 
@@ -337,7 +338,8 @@ impl Attrs {
     pub fn new() -> Self {
         Self::default()
     }
-    pub fn set(&mut self, name: &'static str, value: Value) {
+    pub fn set(&mut self, name: &'static str, value: impl Into<Attr>) {
+        let value = value.into();
         // A change invalidates the built context.
         self.ctx = OnceLock::new();
         if let Some(slot) = self.vars.iter_mut().find(|(n, _)| *n == name) {
@@ -349,14 +351,111 @@ impl Attrs {
     fn context(&self) -> &Context<'static, 'static> {
         self.ctx.get_or_init(|| {
             let mut ctx = Context::with_env(env());
-            for (name, value) in &self.vars {
-                ctx.add_variable_from_value(*name, value.clone());
+            for (name, attr) in &self.vars {
+                ctx.add_variable_from_value(*name, attr.value().clone());
             }
             ctx
         })
     }
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+        self.vars
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| a.value())
+    }
+}
+
+/// One variable (or one field of a record) as the evaluators read it: a CEL value, or a
+/// [`Record`].
+#[derive(Debug, Clone)]
+pub enum Attr {
+    Value(Value),
+    Record(Arc<Record>),
+}
+
+impl Attr {
+    /// The CEL value (a record's map, built on first use).
+    pub fn value(&self) -> &Value {
+        match self {
+            Attr::Value(v) => v,
+            Attr::Record(r) => r.value(),
+        }
+    }
+}
+
+impl From<Value> for Attr {
+    fn from(v: Value) -> Self {
+        Attr::Value(v)
+    }
+}
+
+impl From<Arc<Record>> for Attr {
+    fn from(r: Arc<Record>) -> Self {
+        Attr::Record(r)
+    }
+}
+
+/// A CEL map with string keys kept as a short list of fields: the direct evaluator finds
+/// `request.path` or `auth.identity.userid` by comparing a few names, where the `cel`
+/// crate's map would hash the key (SipHash) at every step, and a request's attributes
+/// cost no hash map to build. The map itself is built only when something needs the
+/// whole value (the interpreter, or an expression using the record whole).
+#[derive(Debug)]
+pub struct Record {
+    fields: Vec<(Cow<'static, str>, Attr)>,
+    value: OnceLock<Value>,
+}
+
+impl Record {
+    /// A record of these fields; a name given twice keeps its last value, as a map would.
+    pub fn new<I, K>(fields: I) -> Arc<Self>
+    where
+        I: IntoIterator<Item = (K, Attr)>,
+        K: Into<Cow<'static, str>>,
+    {
+        Arc::new(Self {
+            fields: fields.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+            value: OnceLock::new(),
+        })
+    }
+
+    /// A map value with only string keys, as a record (nested such maps too) that answers
+    /// with that same value when used whole; `None` for anything else.
+    pub fn from_value(v: &Value) -> Option<Arc<Self>> {
+        let Value::Map(m) = v else { return None };
+        let mut fields = Vec::with_capacity(m.map.len());
+        for (k, v) in m.map.iter() {
+            let Key::String(name) = k else { return None };
+            let attr = match Record::from_value(v) {
+                Some(r) => Attr::Record(r),
+                None => Attr::Value(v.clone()),
+            };
+            fields.push((Cow::Owned(name.as_str().to_owned()), attr));
+        }
+        let value = OnceLock::new();
+        let _ = value.set(v.clone());
+        Some(Arc::new(Self { fields, value }))
+    }
+
+    /// The field `name` (the last one so named).
+    pub fn get(&self, name: &str) -> Option<&Attr> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a)
+    }
+
+    /// The CEL map of the fields.
+    pub fn value(&self) -> &Value {
+        self.value.get_or_init(|| {
+            let map: HashMap<Key, Value> = self
+                .fields
+                .iter()
+                .map(|(k, a)| (Key::String(Arc::new(k.to_string())), a.value().clone()))
+                .collect();
+            Value::from(map)
+        })
     }
 }
 

@@ -70,16 +70,22 @@ pub struct Identity {
     pub identity: cel::Value,
     /// A short, non-secret label for logs (`userid`/`sub` when present).
     pub label: Arc<str>,
-    /// `{identity, method}`: the `auth` attribute itself.
-    auth: cel::Value,
+    /// `{identity, method}`: the `auth` attribute itself, as a record built once per
+    /// identity (per key at load, per verified token), so expressions find
+    /// `auth.identity.userid` without hashing.
+    auth: cel::Attr,
 }
 
 impl Identity {
     pub fn new(method: &'static str, identity: cel::Value, label: Arc<str>) -> Self {
-        let auth = cel::map([
-            ("identity", identity.clone()),
-            ("method", cel::string(method)),
-        ]);
+        let identity_attr = match cel::Record::from_value(&identity) {
+            Some(r) => cel::Attr::Record(r),
+            None => cel::Attr::Value(identity.clone()),
+        };
+        let auth = cel::Attr::Record(cel::Record::new([
+            ("identity", identity_attr),
+            ("method", cel::Attr::Value(cel::string(method))),
+        ]));
         Self {
             method,
             identity,
@@ -100,7 +106,13 @@ impl Identity {
         ANONYMOUS.clone()
     }
 
+    /// The `auth` attribute as a CEL value.
     pub fn to_cel(&self) -> cel::Value {
+        self.auth.value().clone()
+    }
+
+    /// The `auth` attribute for an activation ([`cel::Attrs::set`]).
+    pub fn to_attr(&self) -> cel::Attr {
         self.auth.clone()
     }
 }

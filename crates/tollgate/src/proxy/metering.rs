@@ -217,12 +217,11 @@ impl Settle {
                     .iter()
                     .find(|o| o.kind == CounterKind::Tokens)
                     .and_then(|o| self.rt.policies.get(o.policy))
-                    .map(|p| p.name.to_string())
-                    .unwrap_or_else(|| "-".into());
+                    .map_or("-", |p| &*p.name);
                 self.gw.usage.record(
                     now,
                     &self.identity,
-                    &policy,
+                    policy,
                     self.model.as_deref().unwrap_or("-"),
                     figures.input_tokens,
                     figures.output_tokens,

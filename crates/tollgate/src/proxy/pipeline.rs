@@ -78,7 +78,7 @@ where
                 route.map(|r| &*r.name).unwrap_or("-"),
                 route
                     .and_then(|r| rt.backends.get(r.backend))
-                    .map(|b| b.name.as_str())
+                    .map(|b| &*b.name)
                     .unwrap_or("-"),
                 err.status().as_u16(),
                 err.decision(),
@@ -535,9 +535,14 @@ where
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
     // A body trickled in (slowloris after the headers) must not hold the request forever.
     let wait = rt.limits.request_body_timeout;
-    let collected = tokio::time::timeout(wait, Limited::new(body, cap).collect())
-        .await
-        .map_err(|_| GatewayError::BodyTimeout(wait.as_millis() as u64))?;
+    let mut collect = std::pin::pin!(Limited::new(body, cap).collect());
+    // A small body usually came with the headers: taken as it is, with no timer to arm.
+    let collected = match futures_util::FutureExt::now_or_never(&mut collect) {
+        Some(c) => c,
+        None => tokio::time::timeout(wait, collect)
+            .await
+            .map_err(|_| GatewayError::BodyTimeout(wait.as_millis() as u64))?,
+    };
     let bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) => {
@@ -572,10 +577,10 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
     // Only the fields some expression reads: converting the map is most of what an
     // evaluation costs, per field.
     let wanted = |f: &str| rt.cel_request_fields.as_ref().is_none_or(|s| s.contains(f));
-    let mut request = Vec::with_capacity(10);
+    let mut request: Vec<(&'static str, cel::Attr)> = Vec::with_capacity(10);
     let mut add = |name: &'static str, value: &dyn Fn() -> cel::Value| {
         if wanted(name) {
-            request.push((name, value()));
+            request.push((name, cel::Attr::Value(value())));
         }
     };
     add("method", &|| cel::string(cx.method.as_str()));
@@ -592,36 +597,42 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
         add("model", &|| cel::string(m));
     }
     if wanted("headers") {
-        request.push(("headers", cel::map(hdrs)));
+        request.push(("headers", cel::Attr::Value(cel::map(hdrs))));
     }
     let mut a = Attrs::new();
-    a.set("request", cel::map(request));
+    a.set("request", cel::Record::new(request));
     if rt.cel_vars.contains("source") {
         a.set(
             "source",
-            cel::map([
-                ("address", cel::string(cx.source.to_string())),
-                ("port", cel::int(i64::from(cx.peer.port()))),
+            cel::Record::new([
+                (
+                    "address",
+                    cel::Attr::Value(cel::string(cx.source.to_string())),
+                ),
+                (
+                    "port",
+                    cel::Attr::Value(cel::int(i64::from(cx.peer.port()))),
+                ),
             ]),
         );
     }
     if rt.cel_vars.contains("auth") {
-        a.set("auth", cx.identity.to_cel());
+        a.set("auth", cx.identity.to_attr());
     }
     if !rt.cel_vars.contains("llm") {
         return a;
     }
-    let mut llm = Vec::new();
+    let mut llm: Vec<(&'static str, cel::Attr)> = Vec::new();
     if let Some(api) = cx.api {
-        llm.push(("api", cel::string(api.as_str())));
+        llm.push(("api", cel::Attr::Value(cel::string(api.as_str()))));
     }
     if let Some(l) = &cx.llm {
-        llm.push(("stream", cel::Value::Bool(l.stream)));
+        llm.push(("stream", cel::Attr::Value(cel::Value::Bool(l.stream))));
         if let Some(m) = &l.model {
-            llm.push(("model", cel::string(m.as_str())));
+            llm.push(("model", cel::Attr::Value(cel::string(m.as_str()))));
         }
     }
-    a.set("llm", cel::map(llm));
+    a.set("llm", cel::Record::new(llm));
     a
 }
 
@@ -664,7 +675,8 @@ async fn admit(
     cx: &RequestContext,
     headers: &HeaderMap,
 ) -> Result<Admitted, GatewayError> {
-    let attrs = attributes(rt, cx, headers, gw.clock.now_ms());
+    let now = gw.clock.now_ms();
+    let attrs = attributes(rt, cx, headers, now);
     let mut estimate = cx.llm.as_ref().map(super::metering::estimate);
     // Exact BPE counts only when a reserving policy on this route asks, and off the
     // async workers: tokenizing costs tens of µs per KB.
@@ -722,7 +734,6 @@ async fn admit(
             }
         }
     }
-    let now = gw.clock.now_ms();
     let plan = plan(
         &rt.policies,
         &PlanRequest {
@@ -749,10 +760,22 @@ async fn admit(
     }
     let reservation = ReservationId(gw.next_reservation_id());
     let deadline = now.saturating_add(rt.limits.reservation_deadline_ms);
-    let (enforced, shadow): (Vec<usize>, Vec<usize>) =
-        (0..plan.ops.len()).partition(|&i| !plan.origins[i].shadow);
-    let enforced_ops: Vec<_> = enforced.iter().map(|&i| plan.ops[i].clone()).collect();
-    let kinds: Vec<CounterKind> = enforced.iter().map(|&i| plan.origins[i].kind).collect();
+    // Enforced ops first, shadow ones after, moved out of the plan (no shadow policy: the
+    // second pair stays empty and never allocates).
+    let mut enforced_ops = Vec::with_capacity(plan.ops.len());
+    let mut enforced = Vec::with_capacity(plan.ops.len());
+    let mut shadow_ops = Vec::new();
+    let mut shadow = Vec::new();
+    for (op, origin) in plan.ops.into_iter().zip(plan.origins) {
+        if origin.shadow {
+            shadow_ops.push(op);
+            shadow.push(origin);
+        } else {
+            enforced_ops.push(op);
+            enforced.push(origin);
+        }
+    }
+    let kinds: Vec<CounterKind> = enforced.iter().map(|o| o.kind).collect();
     let outcome = if enforced_ops.is_empty() {
         Admission::Admitted {
             snapshots: Vec::new(),
@@ -782,8 +805,7 @@ async fn admit(
                 .blocking
                 .iter()
                 .filter_map(|&i| enforced.get(i))
-                .map(|&i| {
-                    let o = &plan.origins[i];
+                .map(|o| {
                     format!(
                         "{}/{}",
                         rt.policies[o.policy].name, rt.policies[o.policy].limits[o.limit].name
@@ -818,8 +840,7 @@ async fn admit(
 
     // Stream hard cap: what each cutoff policy's tightest token counter had left.
     let mut allowances: Vec<(usize, u64)> = Vec::new();
-    for (j, &i) in enforced.iter().enumerate() {
-        let o = &plan.origins[i];
+    for (j, o) in enforced.iter().enumerate() {
         if o.kind != CounterKind::Tokens || !rt.policies[o.policy].stream_cutoff {
             continue;
         }
@@ -833,7 +854,6 @@ async fn admit(
     let cutoff = (!allowances.is_empty()).then_some(Cutoff { allowances });
 
     // Shadow policies: counted, never enforced; a would-be refusal is only reported.
-    let shadow_ops: Vec<_> = shadow.iter().map(|&i| plan.ops[i].clone()).collect();
     let mut shadow_snapshots = Vec::new();
     if !shadow_ops.is_empty() {
         match gw
@@ -844,7 +864,7 @@ async fn admit(
             Ok(Admission::Admitted { snapshots }) => shadow_snapshots = snapshots,
             Ok(Admission::Refused(r)) => {
                 for &b in &r.blocking {
-                    if let Some(o) = shadow.get(b).map(|&i| &plan.origins[i]) {
+                    if let Some(o) = shadow.get(b) {
                         let p = &rt.policies[o.policy];
                         gw.stats.shadow_refusal(&p.name, &p.limits[o.limit].name);
                     }
@@ -865,11 +885,8 @@ async fn admit(
         .map(|j| snapshots.get(j).map_or(0, |s| s.window_start))
         .chain((0..shadow.len()).map(|j| shadow_snapshots.get(j).map_or(0, |s| s.window_start)))
         .collect();
-    let origins: Vec<_> = enforced
-        .iter()
-        .chain(shadow.iter())
-        .map(|&i| plan.origins[i].clone())
-        .collect();
+    let mut origins = enforced;
+    origins.extend(shadow);
     let mut ops = enforced_ops;
     ops.extend(shadow_ops);
     Ok(Admitted {
@@ -887,7 +904,7 @@ async fn admit(
             backend: rt
                 .backends
                 .get(route.backend)
-                .map(|b| Arc::from(b.name.as_str()))
+                .map(|b| b.name.clone())
                 .unwrap_or_else(|| Arc::from("-")),
             identity: cx.identity.label.clone(),
             model: cx.llm.as_ref().and_then(|l| l.model.clone()),
