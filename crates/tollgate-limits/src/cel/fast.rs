@@ -154,18 +154,28 @@ enum Node<'a> {
 }
 
 impl<'a> Node<'a> {
+    fn of(a: &'a Attr) -> Self {
+        match a {
+            Attr::Value(v) => Node::Val(Cow::Borrowed(v)),
+            Attr::Record(r) => Node::Rec(r),
+        }
+    }
+
     fn into_value(self) -> Cow<'a, Value> {
         match self {
             Node::Val(v) => v,
             Node::Rec(r) => Cow::Borrowed(r.value()),
         }
     }
-}
 
-fn attr_node(a: &Attr) -> Node<'_> {
-    match a {
-        Attr::Value(v) => Node::Val(Cow::Borrowed(v)),
-        Attr::Record(r) => Node::Rec(r),
+    /// `self.key` / `self[key]`: a record's field or a map's entry.
+    fn member(self, key: &Key) -> Option<Self> {
+        Some(match self {
+            Node::Rec(r) => Node::of(r.get(key_str(key)?)?),
+            Node::Val(Cow::Borrowed(Value::Map(m))) => Node::Val(Cow::Borrowed(m.map.get(key)?)),
+            Node::Val(Cow::Owned(Value::Map(m))) => Node::Val(Cow::Owned(m.map.get(key)?.clone())),
+            Node::Val(_) => return None,
+        })
     }
 }
 
@@ -182,34 +192,16 @@ impl Fast {
                 if let Some((_, v)) = locals.iter().rev().find(|(n, _)| n == name) {
                     Node::Val(Cow::Owned(v.clone()))
                 } else {
-                    attr_node(&vars.iter().find(|(n, _)| n == name)?.1)
+                    Node::of(&vars.iter().find(|(n, _)| n == name)?.1)
                 }
             }
-            Fast::Select(operand, key) => match operand.node(vars, locals)? {
-                Node::Rec(r) => attr_node(r.get(key_str(key)?)?),
-                Node::Val(Cow::Borrowed(Value::Map(m))) => {
-                    Node::Val(Cow::Borrowed(m.map.get(key)?))
-                }
-                Node::Val(Cow::Owned(Value::Map(m))) => {
-                    Node::Val(Cow::Owned(m.map.get(key)?.clone()))
-                }
-                Node::Val(_) => return None,
-            },
+            Fast::Select(operand, key) => operand.node(vars, locals)?.member(key)?,
             Fast::Index(operand, index) => {
                 let key = match index.eval(vars, locals)?.as_ref() {
                     Value::String(s) => Key::String(s.clone()),
                     _ => return None,
                 };
-                match operand.node(vars, locals)? {
-                    Node::Rec(r) => attr_node(r.get(key_str(&key)?)?),
-                    Node::Val(Cow::Borrowed(Value::Map(m))) => {
-                        Node::Val(Cow::Borrowed(m.map.get(&key)?))
-                    }
-                    Node::Val(Cow::Owned(Value::Map(m))) => {
-                        Node::Val(Cow::Owned(m.map.get(&key)?.clone()))
-                    }
-                    Node::Val(_) => return None,
-                }
+                operand.node(vars, locals)?.member(&key)?
             }
             other => Node::Val(other.eval(vars, locals)?),
         })
@@ -460,18 +452,12 @@ mod tests {
                 a.set("source", record(&source));
             }
             Form::Gateway => {
-                a.set(
-                    "request",
-                    Record::new(request.into_iter().map(|(k, v)| (k, Attr::Value(v)))),
-                );
+                a.set("request", Record::new(request));
                 a.set(
                     "auth",
                     Record::new([("identity", Attr::Record(record(&map(identity))))]),
                 );
-                a.set(
-                    "source",
-                    Record::new([("port", Attr::Value(Value::Int(4242)))]),
-                );
+                a.set("source", Record::new([("port", Value::Int(4242))]));
             }
         }
         a

@@ -374,6 +374,14 @@ pub enum Attr {
 }
 
 impl Attr {
+    /// `v` as a record when it is a map with only string keys, else as it is.
+    pub fn from_value(v: &Value) -> Self {
+        match Record::from_value(v) {
+            Some(r) => Attr::Record(r),
+            None => Attr::Value(v.clone()),
+        }
+    }
+
     /// The CEL value (a record's map, built on first use).
     pub fn value(&self) -> &Value {
         match self {
@@ -408,13 +416,17 @@ pub struct Record {
 
 impl Record {
     /// A record of these fields; a name given twice keeps its last value, as a map would.
-    pub fn new<I, K>(fields: I) -> Arc<Self>
+    pub fn new<I, K, V>(fields: I) -> Arc<Self>
     where
-        I: IntoIterator<Item = (K, Attr)>,
+        I: IntoIterator<Item = (K, V)>,
         K: Into<Cow<'static, str>>,
+        V: Into<Attr>,
     {
         Arc::new(Self {
-            fields: fields.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
             value: OnceLock::new(),
         })
     }
@@ -426,11 +438,7 @@ impl Record {
         let mut fields = Vec::with_capacity(m.map.len());
         for (k, v) in m.map.iter() {
             let Key::String(name) = k else { return None };
-            let attr = match Record::from_value(v) {
-                Some(r) => Attr::Record(r),
-                None => Attr::Value(v.clone()),
-            };
-            fields.push((Cow::Owned(name.as_str().to_owned()), attr));
+            fields.push((Cow::Owned(name.as_str().to_owned()), Attr::from_value(v)));
         }
         let value = OnceLock::new();
         let _ = value.set(v.clone());

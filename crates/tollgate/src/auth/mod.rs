@@ -78,13 +78,9 @@ pub struct Identity {
 
 impl Identity {
     pub fn new(method: &'static str, identity: cel::Value, label: Arc<str>) -> Self {
-        let identity_attr = match cel::Record::from_value(&identity) {
-            Some(r) => cel::Attr::Record(r),
-            None => cel::Attr::Value(identity.clone()),
-        };
         let auth = cel::Attr::Record(cel::Record::new([
-            ("identity", identity_attr),
-            ("method", cel::Attr::Value(cel::string(method))),
+            ("identity", cel::Attr::from_value(&identity)),
+            ("method", cel::string(method).into()),
         ]));
         Self {
             method,

@@ -577,10 +577,10 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
     // Only the fields some expression reads: converting the map is most of what an
     // evaluation costs, per field.
     let wanted = |f: &str| rt.cel_request_fields.as_ref().is_none_or(|s| s.contains(f));
-    let mut request: Vec<(&'static str, cel::Attr)> = Vec::with_capacity(10);
+    let mut request = Vec::with_capacity(10);
     let mut add = |name: &'static str, value: &dyn Fn() -> cel::Value| {
         if wanted(name) {
-            request.push((name, cel::Attr::Value(value())));
+            request.push((name, value()));
         }
     };
     add("method", &|| cel::string(cx.method.as_str()));
@@ -597,7 +597,7 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
         add("model", &|| cel::string(m));
     }
     if wanted("headers") {
-        request.push(("headers", cel::Attr::Value(cel::map(hdrs))));
+        request.push(("headers", cel::map(hdrs)));
     }
     let mut a = Attrs::new();
     a.set("request", cel::Record::new(request));
@@ -605,14 +605,8 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
         a.set(
             "source",
             cel::Record::new([
-                (
-                    "address",
-                    cel::Attr::Value(cel::string(cx.source.to_string())),
-                ),
-                (
-                    "port",
-                    cel::Attr::Value(cel::int(i64::from(cx.peer.port()))),
-                ),
+                ("address", cel::string(cx.source.to_string())),
+                ("port", cel::int(i64::from(cx.peer.port()))),
             ]),
         );
     }
@@ -622,14 +616,14 @@ fn attributes(rt: &Runtime, cx: &RequestContext, headers: &HeaderMap, now_ms: u6
     if !rt.cel_vars.contains("llm") {
         return a;
     }
-    let mut llm: Vec<(&'static str, cel::Attr)> = Vec::new();
+    let mut llm = Vec::new();
     if let Some(api) = cx.api {
-        llm.push(("api", cel::Attr::Value(cel::string(api.as_str()))));
+        llm.push(("api", cel::string(api.as_str())));
     }
     if let Some(l) = &cx.llm {
-        llm.push(("stream", cel::Attr::Value(cel::Value::Bool(l.stream))));
+        llm.push(("stream", cel::Value::Bool(l.stream)));
         if let Some(m) = &l.model {
-            llm.push(("model", cel::Attr::Value(cel::string(m.as_str()))));
+            llm.push(("model", cel::string(m.as_str())));
         }
     }
     a.set("llm", cel::Record::new(llm));
