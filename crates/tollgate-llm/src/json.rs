@@ -6,14 +6,96 @@
 //! it would have refused, so bodies with a duplicate key anywhere are rejected outright.
 //!
 //! The check happens while the value is built (a `DeserializeSeed` whose map visitor
-//! looks up each key before parsing its value), so it costs one map lookup per key, and
-//! the path to the offending key is assembled only on the error path, as the error
-//! unwinds through the enclosing containers.
+//! looks at the keys already read before parsing the next value), and the path to the
+//! offending key is assembled only on the error path, as the error unwinds through the
+//! enclosing containers.
+//!
+//! The value built is a [`Json`], not a `serde_json::Value`: a request body is read once,
+//! on every call, and then dropped, so strings without escapes stay slices of the body
+//! and an object is the list of its members in the order sent (no string copied per key
+//! and per value, no tree map per object).
 
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Number, Value};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde_json::Number;
+
+/// A JSON value borrowing its strings from the parsed bytes where it can.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Json<'a> {
+    Null,
+    Bool(bool),
+    Number(Number),
+    String(Cow<'a, str>),
+    Array(Vec<Json<'a>>),
+    Object(Vec<(Cow<'a, str>, Json<'a>)>),
+}
+
+impl<'a> Json<'a> {
+    /// The member `key` of an object (keys are unique: [`parse_unique`] refused others).
+    pub(crate) fn get(&self, key: &str) -> Option<&Json<'a>> {
+        match self {
+            Json::Object(members) => member(members, key),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_u64(&self) -> Option<u64> {
+        match self {
+            Json::Number(n) => n.as_u64(),
+            _ => None,
+        }
+    }
+}
+
+/// The member `key` of an object's member list.
+fn member<'j, 'a>(members: &'j [(Cow<'a, str>, Json<'a>)], key: &str) -> Option<&'j Json<'a>> {
+    members.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+/// Written back as compact JSON, members in the order they were sent.
+impl Serialize for Json<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Json::Null => serializer.serialize_unit(),
+            Json::Bool(b) => serializer.serialize_bool(*b),
+            Json::Number(n) => n.serialize(serializer),
+            Json::String(s) => serializer.serialize_str(s),
+            Json::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Json::Object(members) => {
+                let mut map = serializer.serialize_map(Some(members.len()))?;
+                for (k, v) in members {
+                    map.serialize_entry(k.as_ref(), v)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+impl fmt::Display for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Serializing a tree of strings, numbers and containers cannot fail.
+        let text = serde_json::to_string(self).map_err(|_| fmt::Error)?;
+        f.write_str(&text)
+    }
+}
 
 /// A duplicate key and where it was found, e.g. `key = "model"`, `path = "$.messages[1]"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,10 +114,10 @@ pub(crate) enum ParseError {
 /// Parses one JSON value from `bytes` (trailing whitespace only), refusing duplicate keys
 /// at any depth. serde_json's recursion limit (128) still applies, so hostile nesting is
 /// an error, not a stack overflow.
-pub(crate) fn parse_unique(bytes: &[u8]) -> Result<Value, ParseError> {
+pub(crate) fn parse_unique(bytes: &[u8]) -> Result<Json<'_>, ParseError> {
     let mut trace = DupTrace::default();
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed = ValueSeed { trace: &mut trace }.deserialize(&mut de);
+    let parsed = JsonSeed { trace: &mut trace }.deserialize(&mut de);
     let value = match parsed {
         Ok(v) => v,
         Err(e) => {
@@ -89,67 +171,77 @@ impl DupTrace {
     }
 }
 
-struct ValueSeed<'t> {
+/// Objects with more members than this check new keys against a hash set instead of
+/// comparing them with every earlier key (so a hostile object of 100,000 members costs
+/// 100,000 lookups, not 5·10⁹ comparisons). The set is std's SipHash one: the keys are
+/// the client's choosing.
+const LINEAR_KEYS: usize = 16;
+
+struct JsonSeed<'t> {
     trace: &'t mut DupTrace,
 }
 
-impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
-    type Value = Value;
+impl<'de> DeserializeSeed<'de> for JsonSeed<'_> {
+    type Value = Json<'de>;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Json<'de>, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for ValueSeed<'_> {
-    type Value = Value;
+impl<'de> Visitor<'de> for JsonSeed<'_> {
+    type Value = Json<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+    fn visit_bool<E>(self, v: bool) -> Result<Json<'de>, E> {
+        Ok(Json::Bool(v))
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::Number(v.into()))
+    fn visit_i64<E>(self, v: i64) -> Result<Json<'de>, E> {
+        Ok(Json::Number(v.into()))
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::Number(v.into()))
+    fn visit_u64<E>(self, v: u64) -> Result<Json<'de>, E> {
+        Ok(Json::Number(v.into()))
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+    fn visit_f64<E>(self, v: f64) -> Result<Json<'de>, E> {
         // JSON cannot spell NaN or infinity, so this is always `Some`.
-        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+        Ok(Number::from_f64(v).map_or(Json::Null, Json::Number))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Borrowed(v)))
     }
 
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+    fn visit_str<E>(self, v: &str) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Owned(v.to_owned())))
     }
 
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_string<E>(self, v: String) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Owned(v)))
     }
 
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_unit<E>(self) -> Result<Json<'de>, E> {
+        Ok(Json::Null)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+    fn visit_none<E>(self) -> Result<Json<'de>, E> {
+        Ok(Json::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
+        let mut items = Vec::new();
         loop {
             let index = items.len();
-            match seq.next_element_seed(ValueSeed {
+            match seq.next_element_seed(JsonSeed {
                 trace: &mut *self.trace,
             }) {
                 Ok(Some(item)) => items.push(item),
-                Ok(None) => return Ok(Value::Array(items)),
+                Ok(None) => return Ok(Json::Array(items)),
                 Err(e) => {
                     self.trace.unwind(Segment::Index(index));
                     return Err(e);
@@ -158,27 +250,72 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
         }
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut object = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
+        let mut members: Vec<(Cow<'de, str>, Json<'de>)> = Vec::new();
+        // Built once the object outgrows a linear scan.
+        let mut seen: Option<HashSet<Cow<'de, str>>> = None;
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let duplicate = match &mut seen {
+                Some(set) => !set.insert(key.clone()),
+                None if members.len() < LINEAR_KEYS => members.iter().any(|(k, _)| *k == key),
+                None => {
+                    let mut set: HashSet<Cow<'de, str>> =
+                        members.iter().map(|(k, _)| k.clone()).collect();
+                    let duplicate = !set.insert(key.clone());
+                    seen = Some(set);
+                    duplicate
+                }
+            };
+            if duplicate {
                 let message = format!("duplicate key {key:?}");
-                self.trace.key = Some(key);
+                self.trace.key = Some(key.into_owned());
                 return Err(de::Error::custom(message));
             }
-            match map.next_value_seed(ValueSeed {
+            match map.next_value_seed(JsonSeed {
                 trace: &mut *self.trace,
             }) {
-                Ok(value) => {
-                    object.insert(key, value);
-                }
+                Ok(value) => members.push((key, value)),
                 Err(e) => {
-                    self.trace.unwind(Segment::Key(key));
+                    self.trace.unwind(Segment::Key(key.into_owned()));
                     return Err(e);
                 }
             }
         }
-        Ok(Value::Object(object))
+        Ok(Json::Object(members))
+    }
+}
+
+/// An object key, borrowed from the input unless it had escapes.
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
     }
 }
 
@@ -325,9 +462,63 @@ mod tests {
     fn parses_like_serde_json() {
         let text =
             r#"{"a":[1,-2,3.5,"x",null,true,{"b":{}}],"c":"\u00e9\n","big":18446744073709551615}"#;
-        let ours = parse_unique(text.as_bytes()).ok();
-        let theirs: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(ours, Some(theirs));
+        let ours = parse_unique(text.as_bytes()).map(|v| serde_json::to_value(&v).unwrap());
+        let theirs: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(ours.ok(), Some(theirs));
+    }
+
+    #[test]
+    fn strings_borrow_unless_escaped_and_members_keep_their_order() {
+        let v = parse_unique(br#"{"z":"plain","a":"esc\"aped","m\u0061":[1,"x"]}"#).unwrap();
+        let Json::Object(members) = &v else {
+            panic!("not an object: {v:?}")
+        };
+        let keys: Vec<&str> = members.iter().map(|(k, _)| k.as_ref()).collect();
+        assert_eq!(keys, ["z", "a", "ma"]);
+        assert!(matches!(members[0].0, Cow::Borrowed(_)));
+        assert!(matches!(members[2].0, Cow::Owned(_)));
+        assert!(matches!(
+            v.get("z"),
+            Some(Json::String(Cow::Borrowed("plain")))
+        ));
+        assert!(matches!(v.get("a"), Some(Json::String(Cow::Owned(s))) if s == "esc\"aped"));
+        assert_eq!(v.get("ma").and_then(|a| a.get("x")), None);
+        assert_eq!(v.get("nope"), None);
+        assert_eq!(
+            v.to_string(),
+            r#"{"z":"plain","a":"esc\"aped","ma":[1,"x"]}"#
+        );
+    }
+
+    #[test]
+    fn duplicates_in_large_objects() {
+        // Past LINEAR_KEYS the check switches to a set: a duplicate of an early key, of a
+        // key added after the switch, and none at all.
+        let members = |n: usize| (0..n).map(|i| format!("\"k{i}\":{i}")).collect::<Vec<_>>();
+        for (n, repeat) in [
+            (40, "k0"),
+            (40, "k3"),
+            (40, "k15"),
+            (40, "k16"),
+            (40, "k39"),
+            (17, "k16"),
+        ] {
+            let mut m = members(n);
+            m.push(format!("\"{repeat}\":null"));
+            let json = format!("{{{}}}", m.join(","));
+            let d = dup(&json).unwrap_or_else(|| panic!("{n} keys, {repeat} again: not refused"));
+            assert_eq!((d.key.as_str(), d.path.as_str()), (repeat, "$"));
+        }
+        for n in [15, 16, 17, 200] {
+            let json = format!("{{\"o\":{{{}}}}}", members(n).join(","));
+            let v = parse_unique(json.as_bytes()).unwrap();
+            assert_eq!(
+                v.get("o")
+                    .and_then(|o| o.get(&format!("k{}", n - 1)))
+                    .and_then(Json::as_u64),
+                Some(n as u64 - 1)
+            );
+        }
     }
 
     #[test]

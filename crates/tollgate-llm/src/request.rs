@@ -7,11 +7,9 @@
 //! (message and content shapes): unknown shapes contribute nothing to the estimate and
 //! are left for the upstream to judge.
 
-use serde_json::{Map, Value};
-
 use crate::api::Api;
 use crate::estimate::{estimate_tokens, EstimateConfig};
-use crate::json::{parse_unique, ParseError};
+use crate::json::{parse_unique, Json, ParseError};
 
 /// Why a request body was refused.
 #[derive(Debug, thiserror::Error)]
@@ -145,52 +143,53 @@ pub fn inspect_request_with(
         },
         ParseError::Syntax(e) => RequestError::InvalidJson(e),
     })?;
-    let Value::Object(obj) = value else {
+    let obj = &value;
+    if !matches!(obj, Json::Object(_)) {
         return Err(RequestError::NotAnObject);
-    };
+    }
 
-    let model = opt_string(&obj, "model")?;
-    let stream = opt_bool(&obj, "stream")?.unwrap_or(false);
+    let model = opt_string(obj, "model")?;
+    let stream = opt_bool(obj, "stream")?.unwrap_or(false);
     let (include_usage, max_output_tokens, n) = match api {
         Api::Chat => (
-            include_usage(&obj)?,
-            match opt_u64(&obj, "max_completion_tokens")? {
+            include_usage(obj)?,
+            match opt_u64(obj, "max_completion_tokens")? {
                 Some(max) => Some(max),
-                None => opt_u64(&obj, "max_tokens")?,
+                None => opt_u64(obj, "max_tokens")?,
             },
-            opt_u64(&obj, "n")?.unwrap_or(1),
+            opt_u64(obj, "n")?.unwrap_or(1),
         ),
         Api::Completions => (
-            include_usage(&obj)?,
-            opt_u64(&obj, "max_tokens")?,
-            opt_u64(&obj, "n")?
+            include_usage(obj)?,
+            opt_u64(obj, "max_tokens")?,
+            opt_u64(obj, "n")?
                 .unwrap_or(1)
-                .max(opt_u64(&obj, "best_of")?.unwrap_or(1)),
+                .max(opt_u64(obj, "best_of")?.unwrap_or(1)),
         ),
-        Api::Responses => (None, opt_u64(&obj, "max_output_tokens")?, 1),
-        Api::Messages => (None, opt_u64(&obj, "max_tokens")?, 1),
+        Api::Responses => (None, opt_u64(obj, "max_output_tokens")?, 1),
+        Api::Messages => (None, opt_u64(obj, "max_tokens")?, 1),
         Api::Embeddings => (None, None, 1),
     };
     let user = match api {
         Api::Messages => obj
             .get("metadata")
             .and_then(|m| m.get("user_id"))
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
             .map(str::to_owned),
         _ => obj
             .get("user")
             .or_else(|| obj.get("safety_identifier"))
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
             .map(str::to_owned),
     };
 
     let mut prompt = PromptCollector::default();
     match api {
-        Api::Chat => prompt.chat(&obj),
-        Api::Completions => prompt.completions(&obj),
-        Api::Responses => prompt.responses(&obj),
-        Api::Embeddings => prompt.embeddings(&obj),
-        Api::Messages => prompt.messages(&obj),
+        Api::Chat => prompt.chat(obj),
+        Api::Completions => prompt.completions(obj),
+        Api::Responses => prompt.responses(obj),
+        Api::Embeddings => prompt.embeddings(obj),
+        Api::Messages => prompt.messages(obj),
     }
     let prompt_tokens_estimate = prompt.estimate(api, config);
 
@@ -211,13 +210,10 @@ pub fn inspect_request_with(
     })
 }
 
-fn opt_string(
-    obj: &Map<String, Value>,
-    field: &'static str,
-) -> Result<Option<String>, RequestError> {
+fn opt_string(obj: &Json<'_>, field: &'static str) -> Result<Option<String>, RequestError> {
     match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.as_ref().to_owned())),
         Some(_) => Err(RequestError::InvalidField {
             field,
             expected: "a string",
@@ -225,10 +221,10 @@ fn opt_string(
     }
 }
 
-fn opt_bool(obj: &Map<String, Value>, field: &'static str) -> Result<Option<bool>, RequestError> {
+fn opt_bool(obj: &Json<'_>, field: &'static str) -> Result<Option<bool>, RequestError> {
     match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Bool(b)) => Ok(Some(*b)),
         Some(_) => Err(RequestError::InvalidField {
             field,
             expected: "a boolean",
@@ -236,9 +232,9 @@ fn opt_bool(obj: &Map<String, Value>, field: &'static str) -> Result<Option<bool
     }
 }
 
-fn opt_u64(obj: &Map<String, Value>, field: &'static str) -> Result<Option<u64>, RequestError> {
+fn opt_u64(obj: &Json<'_>, field: &'static str) -> Result<Option<u64>, RequestError> {
     match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
+        None | Some(Json::Null) => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or(RequestError::InvalidField {
             field,
             expected: "a non-negative integer below 2^64",
@@ -246,12 +242,12 @@ fn opt_u64(obj: &Map<String, Value>, field: &'static str) -> Result<Option<u64>,
     }
 }
 
-fn include_usage(obj: &Map<String, Value>) -> Result<Option<bool>, RequestError> {
+fn include_usage(obj: &Json<'_>) -> Result<Option<bool>, RequestError> {
     match obj.get("stream_options") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(options)) => match options.get("include_usage") {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
+        None | Some(Json::Null) => Ok(None),
+        Some(options @ Json::Object(_)) => match options.get("include_usage") {
+            None | Some(Json::Null) => Ok(None),
+            Some(Json::Bool(b)) => Ok(Some(*b)),
             Some(_) => Err(RequestError::InvalidField {
                 field: "stream_options.include_usage",
                 expected: "a boolean",
@@ -301,19 +297,19 @@ impl PromptCollector {
     }
 
     /// Tool definitions and tool-call arguments are sent to the model as JSON text.
-    fn push_json(&mut self, v: &Value) {
+    fn push_json(&mut self, v: &Json<'_>) {
         match v {
-            Value::Null => {}
-            Value::String(s) => self.push_text(s),
+            Json::Null => {}
+            Json::String(s) => self.push_text(s),
             other => self.push_text(&other.to_string()),
         }
     }
 
-    fn chat(&mut self, obj: &Map<String, Value>) {
+    fn chat(&mut self, obj: &Json<'_>) {
         for message in array(obj.get("messages")) {
             self.messages += 1;
             self.content(message.get("content"));
-            if let Some(refusal) = message.get("refusal").and_then(Value::as_str) {
+            if let Some(refusal) = message.get("refusal").and_then(Json::as_str) {
                 self.push_text(refusal);
             }
             for call in array(message.get("tool_calls")) {
@@ -324,28 +320,28 @@ impl PromptCollector {
         self.tools(obj);
     }
 
-    fn completions(&mut self, obj: &Map<String, Value>) {
+    fn completions(&mut self, obj: &Json<'_>) {
         self.text_or_token_ids(obj.get("prompt"));
-        if let Some(suffix) = obj.get("suffix").and_then(Value::as_str) {
+        if let Some(suffix) = obj.get("suffix").and_then(Json::as_str) {
             self.push_text(suffix);
         }
     }
 
-    fn embeddings(&mut self, obj: &Map<String, Value>) {
+    fn embeddings(&mut self, obj: &Json<'_>) {
         self.text_or_token_ids(obj.get("input"));
     }
 
-    fn responses(&mut self, obj: &Map<String, Value>) {
-        if let Some(instructions) = obj.get("instructions").and_then(Value::as_str) {
+    fn responses(&mut self, obj: &Json<'_>) {
+        if let Some(instructions) = obj.get("instructions").and_then(Json::as_str) {
             self.messages += 1;
             self.push_text(instructions);
         }
         match obj.get("input") {
-            Some(Value::String(s)) => {
+            Some(Json::String(s)) => {
                 self.messages += 1;
                 self.push_text(s);
             }
-            Some(Value::Array(items)) => {
+            Some(Json::Array(items)) => {
                 for item in items {
                     self.messages += 1;
                     self.response_item(item);
@@ -356,18 +352,18 @@ impl PromptCollector {
         self.tools(obj);
     }
 
-    fn response_item(&mut self, item: &Value) {
+    fn response_item(&mut self, item: &Json<'_>) {
         if item.get("content").is_some() {
             self.content(item.get("content"));
             return;
         }
-        match item.get("type").and_then(Value::as_str) {
+        match item.get("type").and_then(Json::as_str) {
             Some("function_call" | "custom_tool_call") => {
-                self.push_json(item.get("name").unwrap_or(&Value::Null));
+                self.push_json(item.get("name").unwrap_or(&Json::Null));
                 self.push_json(
                     item.get("arguments")
                         .or_else(|| item.get("input"))
-                        .unwrap_or(&Value::Null),
+                        .unwrap_or(&Json::Null),
                 );
             }
             Some("function_call_output" | "custom_tool_call_output") => {
@@ -382,7 +378,7 @@ impl PromptCollector {
         }
     }
 
-    fn messages(&mut self, obj: &Map<String, Value>) {
+    fn messages(&mut self, obj: &Json<'_>) {
         if let Some(system) = obj.get("system") {
             self.messages += 1;
             self.content(Some(system));
@@ -394,7 +390,7 @@ impl PromptCollector {
         self.tools(obj);
     }
 
-    fn tools(&mut self, obj: &Map<String, Value>) {
+    fn tools(&mut self, obj: &Json<'_>) {
         for key in ["tools", "functions"] {
             if let Some(tools) = obj.get(key) {
                 self.push_json(tools);
@@ -402,17 +398,17 @@ impl PromptCollector {
         }
     }
 
-    fn function_call(&mut self, function: Option<&Value>) {
+    fn function_call(&mut self, function: Option<&Json<'_>>) {
         let Some(function) = function else { return };
-        self.push_json(function.get("name").unwrap_or(&Value::Null));
-        self.push_json(function.get("arguments").unwrap_or(&Value::Null));
+        self.push_json(function.get("name").unwrap_or(&Json::Null));
+        self.push_json(function.get("arguments").unwrap_or(&Json::Null));
     }
 
     /// Message content in any of the three APIs: a string or an array of parts.
-    fn content(&mut self, content: Option<&Value>) {
+    fn content(&mut self, content: Option<&Json<'_>>) {
         match content {
-            Some(Value::String(s)) => self.push_text(s),
-            Some(Value::Array(parts)) => {
+            Some(Json::String(s)) => self.push_text(s),
+            Some(Json::Array(parts)) => {
                 for part in parts {
                     self.part(part);
                 }
@@ -421,22 +417,22 @@ impl PromptCollector {
         }
     }
 
-    fn part(&mut self, part: &Value) {
-        let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+    fn part(&mut self, part: &Json<'_>) {
+        let kind = part.get("type").and_then(Json::as_str).unwrap_or("");
         match kind {
             "image_url" | "input_image" | "image" => self.media.images += 1,
             "input_audio" | "audio" => self.media.audio += 1,
             "file" | "input_file" | "document" => self.media.files += 1,
             // Anthropic tool use: the arguments are JSON the model wrote.
             "tool_use" | "server_tool_use" => {
-                self.push_json(part.get("name").unwrap_or(&Value::Null));
-                self.push_json(part.get("input").unwrap_or(&Value::Null));
+                self.push_json(part.get("name").unwrap_or(&Json::Null));
+                self.push_json(part.get("input").unwrap_or(&Json::Null));
             }
             // Anthropic tool results nest content of their own.
             "tool_result" => self.content(part.get("content")),
             _ => {
                 for key in ["text", "thinking", "refusal"] {
-                    if let Some(s) = part.get(key).and_then(Value::as_str) {
+                    if let Some(s) = part.get(key).and_then(Json::as_str) {
                         self.push_text(s);
                     }
                 }
@@ -446,19 +442,19 @@ impl PromptCollector {
 
     /// Completions `prompt` / embeddings `input`: a string, an array of strings, an array
     /// of token ids, or an array of such arrays.
-    fn text_or_token_ids(&mut self, input: Option<&Value>) {
+    fn text_or_token_ids(&mut self, input: Option<&Json<'_>>) {
         match input {
-            Some(Value::String(s)) => self.push_text(s),
-            Some(Value::Array(items)) => {
+            Some(Json::String(s)) => self.push_text(s),
+            Some(Json::Array(items)) => {
                 for item in items {
                     match item {
-                        Value::String(s) => self.push_text(s),
-                        Value::Number(_) => self.pretokenized += 1,
-                        Value::Array(ids) => {
+                        Json::String(s) => self.push_text(s),
+                        Json::Number(_) => self.pretokenized += 1,
+                        Json::Array(ids) => {
                             for id in ids {
                                 match id {
-                                    Value::Number(_) => self.pretokenized += 1,
-                                    Value::String(s) => self.push_text(s),
+                                    Json::Number(_) => self.pretokenized += 1,
+                                    Json::String(s) => self.push_text(s),
                                     _ => {}
                                 }
                             }
@@ -472,9 +468,9 @@ impl PromptCollector {
     }
 }
 
-fn array(v: Option<&Value>) -> &[Value] {
+fn array<'j, 'a>(v: Option<&'j Json<'a>>) -> &'j [Json<'a>] {
     match v {
-        Some(Value::Array(items)) => items,
+        Some(Json::Array(items)) => items,
         _ => &[],
     }
 }
@@ -482,10 +478,6 @@ fn array(v: Option<&Value>) -> &[Value] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn json_text(json: &str) -> String {
-        serde_json::from_str::<Value>(json).unwrap().to_string()
-    }
 
     fn inspect(api: Api, json: &str) -> Result<LlmRequest, RequestError> {
         inspect_request(api, json.as_bytes())
@@ -502,7 +494,7 @@ mod tests {
                                                      {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},
                                                      {"type":"input_audio","input_audio":{"data":"AAAA","format":"wav"}}]},
                            {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}}]}],
-               "tools":[{"type":"function","function":{"name":"f"}}]}"#,
+               "tools":[{"type":"function","function":{"name":"f","description":"d"}}]}"#,
         )
         .unwrap();
         assert_eq!(r.model.as_deref(), Some("gpt-4o"));
@@ -521,9 +513,8 @@ mod tests {
             }
         );
         assert_eq!(r.media_items, 2);
-        // Tool JSON is re-serialised, so build the expectation the same way (key order
-        // depends on serde_json's `preserve_order` feature, which another crate may enable).
-        let tools = json_text(r#"[{"type":"function","function":{"name":"f"}}]"#);
+        // Tool JSON is re-serialised compactly, members in the order the client sent them.
+        let tools = r#"[{"type":"function","function":{"name":"f","description":"d"}}]"#;
         assert_eq!(
             r.prompt_text(),
             format!("Be brief.\nHello\nf\n{{\"x\":1}}\n{tools}")
@@ -629,7 +620,7 @@ mod tests {
                 files: 1
             }
         );
-        let tools = json_text(r#"[{"name":"calc","input_schema":{}}]"#);
+        let tools = r#"[{"name":"calc","input_schema":{}}]"#;
         assert_eq!(
             r.prompt_text(),
             format!("You are terse.\nQ\nhm\ncalc\n{{\"a\":1}}\n2\n{tools}")
