@@ -320,22 +320,22 @@ impl Metrics {
     }
 
     /// The model label: the name while fewer than [`MAX_MODELS`] were seen, else `other`.
-    pub fn model_label(&self, model: Option<&str>) -> String {
+    pub fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
         let Some(m) = model else {
-            return "-".into();
+            return "-";
         };
         let mut seen = match self.models.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         if seen.contains(m) {
-            return m.to_owned();
+            return m;
         }
         if seen.len() < MAX_MODELS {
             seen.insert(m.to_owned());
-            return m.to_owned();
+            return m;
         }
-        "other".into()
+        "other"
     }
 
     pub fn request(&self, route: &str, backend: &str, status: u16, decision: &str) {

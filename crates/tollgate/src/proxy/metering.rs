@@ -142,7 +142,7 @@ impl Settle {
                 if n == 0 {
                     continue;
                 }
-                m.add_tokens(&self.route, &model, &p.name, limit, t, n);
+                m.add_tokens(&self.route, model, &p.name, limit, t, n);
             }
         }
     }

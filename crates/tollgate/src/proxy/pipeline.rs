@@ -943,7 +943,11 @@ where
     };
     let forward_credentials = backend.forward_client_credentials
         && (!rt.auth_configured() || route.auth == RouteAuth::None);
-    let mut up_headers = upstream_headers(&parts.headers, backend, forward_credentials);
+    let http::request::Parts {
+        method, headers, ..
+    } = parts;
+    let client_length = headers.get(CONTENT_LENGTH).cloned();
+    let mut up_headers = upstream_headers(headers, backend, forward_credentials);
 
     // A stream without include_usage gets it upstream; the usage chunk is removed again
     // on the way back so the client sees the stream it asked for.
@@ -986,9 +990,7 @@ where
                 },
             };
             settle.sent_upstream = true;
-            let resp = sim
-                .handle(&parts.method, &cx.path, &up_headers, bytes)
-                .await;
+            let resp = sim.handle(&method, &cx.path, &up_headers, bytes).await;
             let (p, b) = resp.into_parts();
             Ok((p, b.map_err(|never| match never {}).boxed_unsync()))
         }
@@ -1019,8 +1021,8 @@ where
                 }
                 None => match body {
                     Some(b) => {
-                        if let Some(cl) = parts.headers.get(CONTENT_LENGTH) {
-                            up_headers.insert(CONTENT_LENGTH, cl.clone());
+                        if let Some(cl) = client_length {
+                            up_headers.insert(CONTENT_LENGTH, cl);
                         }
                         b.map_err(Into::into).boxed_unsync()
                     }
@@ -1028,7 +1030,7 @@ where
                 },
             };
             let mut req = Request::new(req_body);
-            *req.method_mut() = parts.method.clone();
+            *req.method_mut() = method;
             *req.uri_mut() = uri;
             *req.headers_mut() = up_headers;
             let timeout = rt.limits.upstream_response_timeout;
@@ -1062,7 +1064,7 @@ where
         .and_then(|v| v.to_str().ok())
         .map(|v| v.starts_with("text/event-stream"))
         .unwrap_or(false);
-    let mut headers = downstream_headers(&resp_parts.headers, !rl_headers.is_empty());
+    let mut headers = downstream_headers(resp_parts.headers, !rl_headers.is_empty());
     for (k, v) in rl_headers {
         headers.insert(k, v);
     }

@@ -49,23 +49,30 @@ pub fn compute(
     let mut out = Vec::with_capacity(9);
     let tokens = tightest(pairs(), CounterKind::Tokens);
     let requests = tightest(pairs(), CounterKind::Requests);
+    // The plain headers repeat the limit and remaining of the token counter (else the
+    // request counter): the same values, shared rather than formatted twice.
+    let mut plain = None;
     for (snap, [limit, remaining, reset]) in [(tokens, TOKEN_HEADERS), (requests, REQUEST_HEADERS)]
     {
         if let Some(s) = snap {
             let reset_ms = s.reset_at.saturating_sub(now_ms);
-            out.push((limit, HeaderValue::from(s.limit)));
-            out.push((remaining, HeaderValue::from(s.remaining())));
+            let (l, r) = (HeaderValue::from(s.limit), HeaderValue::from(s.remaining()));
+            if plain.is_none() {
+                plain = Some((s, l.clone(), r.clone()));
+            }
+            out.push((limit, l));
+            out.push((remaining, r));
             // A duration such as `6m0s` is always a valid header value.
             if let Ok(v) = HeaderValue::try_from(format_reset(reset_ms)) {
                 out.push((reset, v));
             }
         }
     }
-    if let Some(s) = tokens.or(requests) {
+    if let Some((s, l, r)) = plain {
         let reset_s = s.reset_at.saturating_sub(now_ms).div_ceil(1000);
         let [limit, remaining, reset] = PLAIN_HEADERS;
-        out.push((limit, HeaderValue::from(s.limit)));
-        out.push((remaining, HeaderValue::from(s.remaining())));
+        out.push((limit, l));
+        out.push((remaining, r));
         out.push((reset, HeaderValue::from(reset_s)));
     }
     out

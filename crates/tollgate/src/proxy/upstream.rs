@@ -242,6 +242,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
 fn is_hop_by_hop(name: &HeaderName, connection_listed: &[HeaderName]) -> bool {
     HOP_BY_HOP.contains(name)
         || name.as_str() == "keep-alive"
@@ -249,6 +252,8 @@ fn is_hop_by_hop(name: &HeaderName, connection_listed: &[HeaderName]) -> bool {
         || connection_listed.contains(name)
 }
 
+/// The names the `Connection` header lists (they are hop-by-hop too). Usually none: no
+/// allocation then.
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
@@ -261,64 +266,82 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// Client credential headers tollgate consumes.
 pub fn is_client_credential(name: &HeaderName) -> bool {
-    name == header::AUTHORIZATION || name.as_str() == "x-api-key" || name.as_str() == "api-key"
+    name == header::AUTHORIZATION || name == X_API_KEY || name == API_KEY
 }
 
-/// The request headers to send upstream.
+/// Removes, with all their values, the headers `doomed` picks. The map is filtered where
+/// it is: a message usually carries none of them or one or two, so this costs a look at
+/// each name and a removal per name found, not a copy of the whole map.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
+        headers.remove(&name);
+    }
+}
+
+/// The client's request headers made into the upstream request's: hop-by-hop headers,
+/// `Host` and `Content-Length` (set again by the caller) and, unless `forward_credentials`,
+/// the client's credential headers removed; the backend's static headers and its
+/// credential set (replacing what the client sent under those names).
 pub fn upstream_headers(
-    client: &HeaderMap,
+    mut headers: HeaderMap,
     backend: &Backend,
     forward_credentials: bool,
 ) -> HeaderMap {
-    let listed = connection_listed(client);
-    let mut out = HeaderMap::with_capacity(client.len() + backend.headers.len() + 2);
-    for (name, value) in client {
-        if is_hop_by_hop(name, &listed) || name == header::HOST || name == header::CONTENT_LENGTH {
-            continue;
-        }
-        if !forward_credentials && is_client_credential(name) {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
+    let listed = connection_listed(&headers);
+    remove_where(&mut headers, |name| {
+        is_hop_by_hop(name, &listed)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || (!forward_credentials && is_client_credential(name))
+    });
     for (name, value) in &backend.headers {
-        out.insert(name.clone(), value.clone());
+        headers.insert(name.clone(), value.clone());
     }
     if let Some((name, value)) = &backend.credential {
-        if !forward_credentials {
-            // Remove every credential header before injecting ours, so the upstream
-            // never sees two.
-            out.remove(header::AUTHORIZATION);
-            out.remove("x-api-key");
-            out.remove("api-key");
+        if forward_credentials {
+            // The client's own provider key goes on, under its own name; the backend's
+            // key replaces it only under the same name.
+            headers.insert(name.clone(), value.clone());
+        } else {
+            // The client's credential headers are gone already (so the upstream never
+            // sees two), but a static header may have named one.
+            remove_where(&mut headers, is_client_credential);
+            headers.insert(name.clone(), value.clone());
         }
-        out.insert(name.clone(), value.clone());
     }
-    out
+    headers
 }
 
-/// The response headers to send to the client. When tollgate sets its own rate-limit
-/// headers, the upstream's `x-ratelimit-*` are renamed `x-upstream-ratelimit-*`.
-pub fn downstream_headers(upstream: &HeaderMap, rename_ratelimit: bool) -> HeaderMap {
-    let listed = connection_listed(upstream);
-    let mut out = HeaderMap::with_capacity(upstream.len() + 8);
-    for (name, value) in upstream {
-        if is_hop_by_hop(name, &listed) {
-            continue;
-        }
-        if rename_ratelimit {
-            if let Some(rest) = name.as_str().strip_prefix("x-ratelimit-") {
-                if let Ok(n) =
-                    HeaderName::from_bytes(format!("x-upstream-ratelimit-{rest}").as_bytes())
-                {
-                    out.append(n, value.clone());
+/// The upstream's response headers made into the client's: hop-by-hop headers removed
+/// and, when tollgate sets its own rate-limit headers, the upstream's `x-ratelimit-*`
+/// renamed `x-upstream-ratelimit-*`.
+pub fn downstream_headers(mut headers: HeaderMap, rename_ratelimit: bool) -> HeaderMap {
+    let listed = connection_listed(&headers);
+    remove_where(&mut headers, |name| is_hop_by_hop(name, &listed));
+    if rename_ratelimit {
+        while let Some(name) = headers
+            .keys()
+            .find(|n| n.as_str().starts_with("x-ratelimit-"))
+            .cloned()
+        {
+            let rest = name
+                .as_str()
+                .strip_prefix("x-ratelimit-")
+                .unwrap_or_default();
+            let renamed = HeaderName::from_bytes(format!("x-upstream-ratelimit-{rest}").as_bytes());
+            // Take the values out first, so a renamed name can never be found again.
+            let values: Vec<HeaderValue> = match headers.entry(&name) {
+                header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+                header::Entry::Vacant(_) => Vec::new(),
+            };
+            if let Ok(renamed) = renamed {
+                for v in values {
+                    headers.append(renamed.clone(), v);
                 }
-                continue;
             }
         }
-        out.append(name.clone(), value.clone());
     }
-    out
+    headers
 }
 
 pub fn host_header(authority: &http::uri::Authority) -> Option<HeaderValue> {
@@ -327,4 +350,187 @@ pub fn host_header(authority: &http::uri::Authority) -> Option<HeaderValue> {
 
 pub fn bytes_len_header(len: usize) -> HeaderValue {
     HeaderValue::from(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::BackendTarget;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    /// Name and values, sorted by name (values in their order): what a peer sees, order
+    /// of distinct names aside.
+    fn seen(m: &HeaderMap) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = m
+            .keys()
+            .map(|k| {
+                let values = m
+                    .get_all(k)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect();
+                (k.as_str().to_owned(), values)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn expect(pairs: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = pairs
+            .iter()
+            .map(|(k, vs)| {
+                (
+                    (*k).to_owned(),
+                    vs.iter().map(|v| (*v).to_owned()).collect(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn backend(headers: &[(&str, &str)], credential: Option<(&str, &str)>) -> Backend {
+        let pair = |k: &str, v: &str| {
+            (
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            )
+        };
+        Backend {
+            name: "b".into(),
+            target: BackendTarget::Url {
+                scheme: http::uri::Scheme::HTTP,
+                authority: "127.0.0.1:1".parse().unwrap(),
+                host: None,
+                base_path: String::new(),
+            },
+            credential: credential.map(|(k, v)| pair(k, v)),
+            headers: headers.iter().map(|(k, v)| pair(k, v)).collect(),
+            forward_client_credentials: false,
+            client: None,
+        }
+    }
+
+    fn client_request() -> HeaderMap {
+        map(&[
+            ("host", "gw.example.com"),
+            ("content-type", "application/json"),
+            ("content-length", "42"),
+            ("authorization", "Bearer client-gateway-key"),
+            ("x-api-key", "client-gateway-key"),
+            ("api-key", "client-azure-key"),
+            ("connection", "keep-alive, x-trace-hop"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic abc"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-trace-hop", "1"),
+            ("accept", "text/event-stream"),
+            ("accept", "application/json"),
+            ("anthropic-version", "2023-01-01"),
+        ])
+    }
+
+    #[test]
+    fn upstream_request_loses_hop_by_hop_and_client_credentials_and_gains_the_backends() {
+        let b = backend(
+            &[("anthropic-version", "2023-06-01"), ("x-static", "s")],
+            Some(("x-api-key", "backend-key")),
+        );
+        let out = upstream_headers(client_request(), &b, false);
+        assert_eq!(
+            seen(&out),
+            expect(&[
+                ("content-type", &["application/json"]),
+                ("accept", &["text/event-stream", "application/json"]),
+                ("anthropic-version", &["2023-06-01"]),
+                ("x-static", &["s"]),
+                ("x-api-key", &["backend-key"]),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_static_header_cannot_smuggle_a_second_credential() {
+        let b = backend(
+            &[("authorization", "Bearer static")],
+            Some(("api-key", "backend-key")),
+        );
+        let out = upstream_headers(client_request(), &b, false);
+        assert_eq!(out.get(header::AUTHORIZATION), None);
+        assert_eq!(out.get_all("api-key").iter().count(), 1);
+        assert_eq!(out.get("api-key").unwrap(), "backend-key");
+    }
+
+    #[test]
+    fn forwarded_client_credentials_stay_unless_the_backend_sets_the_same_name() {
+        let out = upstream_headers(client_request(), &backend(&[], None), true);
+        assert_eq!(
+            out.get(header::AUTHORIZATION).unwrap(),
+            "Bearer client-gateway-key"
+        );
+        assert_eq!(out.get("x-api-key").unwrap(), "client-gateway-key");
+        assert_eq!(out.get("api-key").unwrap(), "client-azure-key");
+        assert_eq!(out.get("x-trace-hop"), None);
+        let b = backend(&[], Some(("authorization", "Bearer backend")));
+        let out = upstream_headers(client_request(), &b, true);
+        assert_eq!(out.get(header::AUTHORIZATION).unwrap(), "Bearer backend");
+        assert_eq!(out.get("x-api-key").unwrap(), "client-gateway-key");
+    }
+
+    #[test]
+    fn upstream_request_without_anything_to_remove_is_unchanged() {
+        let plain = map(&[("content-type", "application/json"), ("accept", "*/*")]);
+        let out = upstream_headers(plain.clone(), &backend(&[], None), false);
+        assert_eq!(seen(&out), seen(&plain));
+    }
+
+    #[test]
+    fn downstream_response_loses_hop_by_hop_and_renames_the_upstreams_rate_limits() {
+        let upstream = || {
+            map(&[
+                ("content-type", "application/json"),
+                ("transfer-encoding", "chunked"),
+                ("connection", "close, x-hop"),
+                ("x-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("x-ratelimit-limit-tokens", "1000"),
+                ("x-ratelimit-remaining-tokens", "900"),
+                ("x-ratelimit-remaining-tokens", "901"),
+                ("x-request-id", "r1"),
+            ])
+        };
+        assert_eq!(
+            seen(&downstream_headers(upstream(), true)),
+            expect(&[
+                ("content-type", &["application/json"]),
+                ("x-upstream-ratelimit-limit-tokens", &["1000"]),
+                ("x-upstream-ratelimit-remaining-tokens", &["900", "901"]),
+                ("x-request-id", &["r1"]),
+            ])
+        );
+        assert_eq!(
+            seen(&downstream_headers(upstream(), false)),
+            expect(&[
+                ("content-type", &["application/json"]),
+                ("x-ratelimit-limit-tokens", &["1000"]),
+                ("x-ratelimit-remaining-tokens", &["900", "901"]),
+                ("x-request-id", &["r1"]),
+            ])
+        );
+    }
 }
