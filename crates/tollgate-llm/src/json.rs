@@ -38,7 +38,7 @@ impl<'a> Json<'a> {
     /// The member `key` of an object (keys are unique: [`parse_unique`] refused others).
     pub(crate) fn get(&self, key: &str) -> Option<&Json<'a>> {
         match self {
-            Json::Object(members) => member(members, key),
+            Json::Object(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
             _ => None,
         }
     }
@@ -56,11 +56,6 @@ impl<'a> Json<'a> {
             _ => None,
         }
     }
-}
-
-/// The member `key` of an object's member list.
-fn member<'j, 'a>(members: &'j [(Cow<'a, str>, Json<'a>)], key: &str) -> Option<&'j Json<'a>> {
-    members.iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
 /// Written back as compact JSON, members in the order they were sent.

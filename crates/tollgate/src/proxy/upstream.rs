@@ -298,16 +298,13 @@ pub fn upstream_headers(
         headers.insert(name.clone(), value.clone());
     }
     if let Some((name, value)) = &backend.credential {
-        if forward_credentials {
-            // The client's own provider key goes on, under its own name; the backend's
-            // key replaces it only under the same name.
-            headers.insert(name.clone(), value.clone());
-        } else {
+        if !forward_credentials {
             // The client's credential headers are gone already (so the upstream never
-            // sees two), but a static header may have named one.
+            // sees two), but a static header may have named one. A forwarded client key
+            // stays, replaced only under the backend key's own name.
             remove_where(&mut headers, is_client_credential);
-            headers.insert(name.clone(), value.clone());
         }
+        headers.insert(name.clone(), value.clone());
     }
     headers
 }
@@ -319,17 +316,14 @@ pub fn downstream_headers(mut headers: HeaderMap, rename_ratelimit: bool) -> Hea
     let listed = connection_listed(&headers);
     remove_where(&mut headers, |name| is_hop_by_hop(name, &listed));
     if rename_ratelimit {
-        while let Some(name) = headers
-            .keys()
-            .find(|n| n.as_str().starts_with("x-ratelimit-"))
-            .cloned()
-        {
-            let rest = name
-                .as_str()
-                .strip_prefix("x-ratelimit-")
-                .unwrap_or_default();
-            let renamed = HeaderName::from_bytes(format!("x-upstream-ratelimit-{rest}").as_bytes());
-            // Take the values out first, so a renamed name can never be found again.
+        while let Some((name, renamed)) = headers.keys().find_map(|n| {
+            let rest = n.as_str().strip_prefix("x-ratelimit-")?;
+            Some((
+                n.clone(),
+                HeaderName::from_bytes(format!("x-upstream-ratelimit-{rest}").as_bytes()),
+            ))
+        }) {
+            // The old name goes with all its values, so the next search moves on.
             let values: Vec<HeaderValue> = match headers.entry(&name) {
                 header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
                 header::Entry::Vacant(_) => Vec::new(),
