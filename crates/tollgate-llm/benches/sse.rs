@@ -124,7 +124,8 @@ fn request(c: &mut Criterion) {
 
 /// Usage read from whole (non-streamed) bodies, as the proxy does once per response: a
 /// pretty-printed chat completion (OpenAI's layout, and the simulator's) and an
-/// embeddings list of 1,536 floats, usage last in both.
+/// embeddings list of 1,536 floats, usage last in both; each read front to back (parse or
+/// scan) and from the end.
 fn usage_bodies(c: &mut Criterion) {
     let usage = serde_json::json!({
         "completion_tokens": 16,
@@ -160,6 +161,12 @@ fn usage_bodies(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function(format!("{name}/{}B", body.len()), |b| {
             b.iter(|| black_box(usage_from_body(api, black_box(body)).unwrap()))
+        });
+        // What the proxy uses for a body that ended cleanly: `usage` looked for from the end.
+        group.bench_function(format!("{name}_from_end/{}B", body.len()), |b| {
+            b.iter(|| {
+                black_box(tollgate_llm::usage_from_complete_body(api, black_box(body)).unwrap())
+            })
         });
         // Bodies from SCAN_FROM on are scanned by `usage_from_body` already.
         if body.len() < tollgate_llm::usage::SCAN_FROM {

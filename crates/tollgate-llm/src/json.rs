@@ -399,6 +399,120 @@ pub(crate) fn top_level_member(bytes: &[u8], key: &[u8]) -> Member {
     }
 }
 
+/// [`top_level_member`] read from the other end: the value of the *last* top-level member
+/// `key`, found by scanning backward from the closing brace, so a body that ends with it
+/// (OpenAI, Anthropic, vLLM and embeddings bodies end with `usage` or a member or two
+/// after it) is decided by its last few hundred bytes, however long the rest.
+///
+/// Scanning backward is as exact as forward: from outside a string, an unescaped quote
+/// (one not preceded by an odd run of backslashes) closes a string whose opening quote
+/// is the previous unescaped one, and a `}` opens one more object going backward. What
+/// this cannot see is whether the body's last `}` really closes the object its first `{`
+/// opened, so it is for **complete** bodies only (the transport saw the last byte the
+/// upstream framed): in a truncated one, the last `}` may close a nested object and a
+/// nested `key` would pass for a top-level one. The part before the member is not read,
+/// except for one vector search: if the quoted `key` occurs there at all (a duplicate at
+/// any depth, or only text that looks like one), the answer is [`Member::Unsure`].
+/// A top-level key with escapes met on the way is [`Member::Unsure`] too; one before the
+/// member is not seen (a duplicate spelled with escapes, which no encoder writes).
+pub(crate) fn last_top_level_member(bytes: &[u8], key: &[u8]) -> Member {
+    let start = bytes.len() - bytes.trim_ascii_start().len();
+    let end = bytes.trim_ascii_end().len();
+    if start >= end || bytes[start] != b'{' || bytes[end - 1] != b'}' {
+        return Member::Unsure;
+    }
+    // Everything strictly between the root's braces.
+    let inner = start + 1;
+    let past_whitespace = |from: usize| bytes.len() - bytes[from..].trim_ascii_start().len();
+    let mut depth = 1usize;
+    let mut i = end - 1;
+    loop {
+        let Some(at) = bytes
+            .get(inner..i)
+            .and_then(|rest| memchr::memrchr3(b'"', b'{', b'}', rest))
+            .map(|off| inner + off)
+        else {
+            return if depth == 1 {
+                Member::Absent
+            } else {
+                Member::Unsure
+            };
+        };
+        match bytes[at] {
+            b'"' => {
+                if escaped(bytes, inner, at) {
+                    // A quote escaped outside any string: not JSON.
+                    return Member::Unsure;
+                }
+                let Some(open) = string_start(bytes, inner, at) else {
+                    return Member::Unsure;
+                };
+                i = open;
+                if depth != 1 {
+                    continue;
+                }
+                let colon = past_whitespace(at + 1);
+                if bytes.get(colon) != Some(&b':') {
+                    continue;
+                }
+                let name = &bytes[open + 1..at];
+                if name.contains(&b'\\') {
+                    return Member::Unsure;
+                }
+                if name == key {
+                    let before = &bytes[..open];
+                    let repeated = memchr::memmem::find_iter(before, key).any(|p| {
+                        p > 0 && before[p - 1] == b'"' && before.get(p + key.len()) == Some(&b'"')
+                    });
+                    return if repeated {
+                        Member::Unsure
+                    } else {
+                        Member::At(colon + 1)
+                    };
+                }
+            }
+            b'}' => {
+                depth += 1;
+                i = at;
+            }
+            _ => {
+                depth -= 1;
+                i = at;
+                if depth == 0 {
+                    // An object closed before the root's own brace: unbalanced.
+                    return Member::Unsure;
+                }
+            }
+        }
+    }
+}
+
+/// Whether the byte at `at` is escaped: preceded (no further back than `floor`) by an odd
+/// run of backslashes.
+fn escaped(bytes: &[u8], floor: usize, at: usize) -> bool {
+    let run = bytes
+        .get(floor..at)
+        .unwrap_or_default()
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b'\\')
+        .count();
+    run % 2 == 1
+}
+
+/// The offset of the quote opening the string closed by the quote at `close`, found no
+/// further back than `floor`.
+fn string_start(bytes: &[u8], floor: usize, close: usize) -> Option<usize> {
+    let mut to = close;
+    loop {
+        let at = floor + memchr::memrchr(b'"', bytes.get(floor..to)?)?;
+        if !escaped(bytes, floor, at) {
+            return Some(at);
+        }
+        to = at;
+    }
+}
+
 /// The offset of the quote closing the string whose contents start at `from`.
 fn string_end(bytes: &[u8], mut from: usize) -> Option<usize> {
     loop {
@@ -448,6 +562,54 @@ mod tests {
             r#"{"usage":1}}"#,
             "",
             "   ",
+        ] {
+            assert_eq!(at(json), Member::Unsure, "{json}");
+        }
+    }
+
+    #[test]
+    fn finds_the_last_top_level_member_from_the_end() {
+        let at = |json: &str| last_top_level_member(json.as_bytes(), b"usage");
+        let body = r#"{"id":"x", "usage" :{"a":1}}"#;
+        assert_eq!(at(body), Member::At(body.find(":{").unwrap() + 1));
+        assert_eq!(at("\n {\"usage\":null}\n"), Member::At(11));
+        // Members after it, strings with braces, quotes and backslashes on the way.
+        let body = r#"{"c":[{"u":"}{\"usage\":{\\"}],"usage":{"a":1},"s":"x\\","t":{"usage":2}}"#;
+        assert_eq!(
+            at(body),
+            Member::At(body.find(r#""usage":{"a""#).unwrap() + 8)
+        );
+        // Nested, or only inside strings: not the body's usage.
+        for json in [
+            r#"{"x":{"usage":{"a":1}}}"#,
+            r#"{"x":[{"usage":1}],"y":"\"usage\":{"}"#,
+            r#"{"text":"usage","usages":1}"#,
+            r#"{"a":"}}]]\\","b":"{\"usage\":1}"}"#,
+            "{}",
+            " { } ",
+        ] {
+            assert_eq!(at(json), Member::Absent, "{json}");
+        }
+        // What a full parse must decide.
+        for json in [
+            // Given twice, at any depth, or text before it that looks like a key.
+            r#"{"usage":1,"usage":2}"#,
+            r#"{"x":{"usage":1},"usage":2}"#,
+            r#"{"x":"\"usage","usage":2}"#,
+            // A top-level key with escapes after it.
+            r#"{"usage":1,"usa\u0067e":1}"#,
+            r#"[{"usage":1}]"#,
+            r#"{"usage":{"a":1}"#,
+            r#"{"usage":"open"#,
+            r#"{"usage":1} x"#,
+            r#"{"usage":1}}"#,
+            r#"{"a":1,"usage":{"b":2}"#,
+            r#"{"a":"x\"}"#,
+            r#"{"a":1\"}"#,
+            "",
+            "   ",
+            "}",
+            "{",
         ] {
             assert_eq!(at(json), Member::Unsure, "{json}");
         }

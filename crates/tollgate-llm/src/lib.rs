@@ -45,4 +45,4 @@ pub use meter::{
 pub use request::{inspect_request, inspect_request_with, LlmRequest, MediaCounts, RequestError};
 pub use rewrite::ensure_stream_usage;
 pub use sse::{OwnedSseEvent, SseEvent, SseScanner, DEFAULT_MAX_EVENT_BYTES};
-pub use usage::{gemini_usage_from_body, usage_from_body, Usage};
+pub use usage::{gemini_usage_from_body, usage_from_body, usage_from_complete_body, Usage};

@@ -36,7 +36,8 @@ use serde_json::Value;
 use crate::api::Api;
 use crate::sse::{SseEvent, SseScanner, DEFAULT_MAX_EVENT_BYTES};
 use crate::usage::{
-    usage_from_body, usage_from_leading, usage_from_raw, usage_from_value, AnthropicUsage, Usage,
+    usage_from_body, usage_from_complete_body, usage_from_leading, usage_from_raw,
+    usage_from_value, AnthropicUsage, Usage,
 };
 use crate::wire::{
     choice_value_tokens, part_tokens, raw_text_tokens, raw_to_u64, value_text_tokens, ChatChunk,
@@ -899,8 +900,11 @@ impl BodyMeter {
         }
     }
 
-    /// The final figures.
-    pub fn finish(self) -> BodyOutcome {
+    /// The final figures. `complete`: the body ended where its framing said (the
+    /// transport saw its last byte), so its end can be trusted to close the root object
+    /// and `usage` is looked for there first ([`usage_from_complete_body`]); a body cut
+    /// short (upstream error, client gone) is parsed in full.
+    pub fn finish(self, complete: bool) -> BodyOutcome {
         let mut outcome = BodyOutcome {
             truncated: self.truncated,
             bytes: self.bytes,
@@ -910,7 +914,11 @@ impl BodyMeter {
             outcome.usage = usage_from_tail(self.api, &self.tail);
             return outcome;
         }
-        outcome.usage = usage_from_body(self.api, &self.buf);
+        outcome.usage = if complete {
+            usage_from_complete_body(self.api, &self.buf)
+        } else {
+            usage_from_body(self.api, &self.buf)
+        };
         if outcome.usage.is_none() {
             match serde_json::from_slice::<Value>(&self.buf) {
                 Ok(value) => outcome.output_estimate = body_output_tokens(self.api, &value),
@@ -1209,19 +1217,19 @@ mod tests {
         let mut meter = BodyMeter::new(Api::Chat, 1024);
         meter.feed(br#"{"choices":[{"message":{"content":"abcdefgh"}}],"#);
         meter.feed(br#""usage":{"prompt_tokens":3,"completion_tokens":2}}"#);
-        let out = meter.finish();
+        let out = meter.finish(true);
         assert_eq!(out.usage.map(|u| u.total_tokens), Some(5));
         assert!(!out.truncated && !out.malformed);
 
         let mut meter = BodyMeter::new(Api::Messages, 1024);
         meter.feed(br#"{"content":[{"type":"text","text":"abcdefgh"},{"type":"tool_use","input":{"q":"x"}}]}"#);
-        let out = meter.finish();
+        let out = meter.finish(true);
         assert_eq!(out.usage, None);
         assert_eq!(out.output_estimate, 2 + 3);
 
         let mut meter = BodyMeter::new(Api::Chat, 1024);
         meter.feed(b"<html>502</html>");
-        let out = meter.finish();
+        let out = meter.finish(true);
         assert!(out.malformed);
         assert_eq!((out.usage, out.output_estimate), (None, 0));
     }
@@ -1234,7 +1242,7 @@ mod tests {
             meter.feed(b"0.0123456789,");
         }
         meter.feed(br#"1.0]}],"model":"e","usage":{"prompt_tokens":8,"total_tokens":8}}"#);
-        let out = meter.finish();
+        let out = meter.finish(true);
         assert!(out.truncated);
         assert_eq!(out.usage.map(|u| u.input_tokens), Some(8));
         assert!(out.bytes > 260_000);

@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::api::Api;
-use crate::json::{top_level_member, Member};
+use crate::json::{last_top_level_member, top_level_member, Member};
 
 /// Normalised token usage of one exchange.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -52,6 +52,21 @@ pub fn usage_from_body(api: Api, body: &[u8]) -> Option<Usage> {
         usage_from_scan(api, body)
     } else {
         usage_from_parsed_body(api, body)
+    }
+}
+
+/// [`usage_from_body`] for a body known to be complete (the transport saw the last byte
+/// its framing announced): the top-level `usage` is looked for from the end first
+/// ([`last_top_level_member`]), where OpenAI, Anthropic, vLLM and embeddings bodies put
+/// it, so the rest of the body is not read at all. What that scan cannot decide (no
+/// closing brace, unbalanced, `usage` possibly given twice) goes to [`usage_from_body`].
+/// The same leniency as [`usage_from_scan`], a little wider: a body whose end is sound
+/// yields its `usage` whatever precedes it (the upstream's own count beats an estimate).
+pub fn usage_from_complete_body(api: Api, body: &[u8]) -> Option<Usage> {
+    match last_top_level_member(body, b"usage") {
+        Member::At(at) => usage_from_leading(api, body.get(at..)?),
+        Member::Absent => None,
+        Member::Unsure => usage_from_body(api, body),
     }
 }
 
@@ -560,6 +575,11 @@ mod tests {
             usage_from_scan(api, json.as_bytes()),
             parsed,
             "scan: {json}"
+        );
+        assert_eq!(
+            usage_from_complete_body(api, json.as_bytes()),
+            parsed,
+            "from the end: {json}"
         );
         parsed
     }
@@ -1071,6 +1091,11 @@ mod tests {
                         super::super::usage_from_parsed_body(api, bytes),
                         "{}", text
                     );
+                    prop_assert_eq!(
+                        super::super::usage_from_complete_body(api, bytes),
+                        super::super::usage_from_parsed_body(api, bytes),
+                        "from the end: {}", text
+                    );
                     let prefix = &bytes[..cut.index(bytes.len())];
                     prop_assert_eq!(
                         super::super::usage_from_scan(api, prefix),
@@ -1085,6 +1110,10 @@ mod tests {
                     let full = super::super::usage_from_parsed_body(api, &broken);
                     if full.is_some() {
                         prop_assert_eq!(super::super::usage_from_scan(api, &broken), full);
+                        prop_assert_eq!(
+                            super::super::usage_from_complete_body(api, &broken),
+                            full
+                        );
                     }
                 }
             }

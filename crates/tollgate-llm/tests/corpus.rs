@@ -362,10 +362,19 @@ fn bodies_yield_their_usage() {
         for chunk in body.chunks(97) {
             meter.feed(chunk);
         }
-        let outcome = meter.finish();
+        let outcome = meter.finish(true);
         assert_eq!(outcome.usage, *expected, "{file}: BodyMeter");
         assert!(!outcome.truncated && !outcome.malformed, "{file}");
         assert_eq!(outcome.bytes, body.len() as u64);
+        // The read from the end, which a complete body gets, and a body cut short.
+        assert_eq!(
+            tollgate_llm::usage_from_complete_body(*api, &body),
+            *expected,
+            "{file}: from the end"
+        );
+        let mut meter = BodyMeter::new(*api, 1 << 20);
+        meter.feed(&body);
+        assert_eq!(meter.finish(false).usage, *expected, "{file}: not complete");
     }
 }
 
@@ -377,7 +386,7 @@ fn bodies_truncated_by_the_cap_still_find_usage_in_the_tail() {
         for chunk in body.chunks(50) {
             meter.feed(chunk);
         }
-        let outcome = meter.finish();
+        let outcome = meter.finish(true);
         assert!(outcome.truncated, "{file}");
         // Gemini bodies have no `usage` key; every other expectation holds from the tail.
         assert_eq!(outcome.usage, *expected, "{file}: tail");
@@ -397,7 +406,7 @@ fn bodies_without_usage_get_an_output_estimate() {
         value.as_object_mut().unwrap().remove("usage");
         let mut meter = BodyMeter::new(api, 1 << 20);
         meter.feed(value.to_string().as_bytes());
-        let outcome = meter.finish();
+        let outcome = meter.finish(true);
         assert_eq!(outcome.usage, None);
         assert!(outcome.output_estimate > 0, "{file}");
     }

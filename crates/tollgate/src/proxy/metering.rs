@@ -451,7 +451,7 @@ impl ChunkMeter for CallMeter {
                     return Bytes::new();
                 }
                 Wire::Body(m) => {
-                    let out = m.finish();
+                    let out = m.finish(end == BodyEnd::Complete);
                     // A body we could not read (truncated, not JSON) says nothing about
                     // its output: assume what the request allowed (max_tokens × n, or
                     // the default), the same figure a reservation holds.
