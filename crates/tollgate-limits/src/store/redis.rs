@@ -642,6 +642,19 @@ impl RedisStore {
                 "a counter read by HMGET on a cluster".into(),
             ));
         };
+        if let [plan] = plans {
+            // One counter (the usual request): one command, without a pipeline's framing.
+            let (v, r): (Option<u64>, Option<u64>) = self
+                .bounded(
+                    ::redis::cmd("HMGET")
+                        .arg(&plan.keys.state)
+                        .arg("v")
+                        .arg("r")
+                        .query_async(&mut c),
+                )
+                .await?;
+            return Ok(vec![(v.unwrap_or(0), r.unwrap_or(0))]);
+        }
         let mut pipe = ::redis::pipe();
         for plan in plans {
             pipe.cmd("HMGET").arg(&plan.keys.state).arg("v").arg("r");

@@ -68,6 +68,7 @@ macro_rules! store_suite {
                 admission_is_all_or_nothing,
                 snapshots_come_before_own_charge,
                 room_admits_while_anything_is_left,
+                read_only_admission_reads_every_counter,
                 fits_needs_the_whole_cost,
                 commit_and_reserve_are_taken_at_admission,
                 zero_reservations_are_not_held,
@@ -366,6 +367,93 @@ pub async fn room_admits_while_anything_is_left(store: Arc<dyn Store>, prefix: &
     assert_eq!(r.blocking, vec![0]);
     assert_eq!(single(r.snapshots).value, 14);
     assert_eq!(r.retry_after_ms, Some(MINUTE - 5_000));
+    Ok(())
+}
+
+/// An admission that only reads (after-mode tokens: nothing committed or reserved) over
+/// several counters sees each counter's own spend, and is refused by the one that is
+/// spent, whichever position it has.
+pub async fn read_only_admission_reads_every_counter(
+    store: Arc<dyn Store>,
+    prefix: &str,
+) -> Outcome {
+    let store = &*store;
+    let t0 = epoch();
+    let minute = fixed(&id(prefix, "minute"), 100, Need::Room, 0, 0);
+    let hour = with_window(
+        fixed(&id(prefix, "hour"), 30, Need::Room, 0, 0),
+        Window::aligned(60 * MINUTE),
+    );
+    let other = fixed(&id(prefix, "other"), 1_000, Need::Room, 0, 0);
+    for (op, spent) in [(&minute, 7), (&hour, 30), (&other, 11)] {
+        let s = take(store, t0 + 1_000, op, FAR).await?;
+        settle(store, t0 + 2_000, &s, spent).await?;
+    }
+    let values =
+        |snapshots: &[CounterSnapshot]| snapshots.iter().map(|s| s.value).collect::<Vec<_>>();
+    // Alone, each reads its own figure.
+    for (op, spent) in [(&minute, 7), (&other, 11)] {
+        assert_eq!(
+            single(admitted(
+                admit_one(store, t0 + 3_000, op, rid(), FAR).await?
+            ))
+            .value,
+            spent
+        );
+    }
+    // Together: the spent hour refuses, first, in the middle or last.
+    for ops in [
+        vec![hour.clone(), minute.clone(), other.clone()],
+        vec![minute.clone(), hour.clone(), other.clone()],
+        vec![minute.clone(), other.clone(), hour.clone()],
+    ] {
+        let r = refused(admit(store, t0 + 3_000, &ops, rid(), FAR).await?);
+        let at = ops
+            .iter()
+            .position(|o| o.id == hour.id)
+            .unwrap_or(usize::MAX);
+        assert_eq!(r.blocking, vec![at]);
+        let expected: Vec<u64> = ops
+            .iter()
+            .map(|o| {
+                if o.id == hour.id {
+                    30
+                } else if o.id == minute.id {
+                    7
+                } else {
+                    11
+                }
+            })
+            .collect();
+        assert_eq!(values(&r.snapshots), expected);
+    }
+    // Without the hour, the other two admit and report their figures in order.
+    let snapshots = admitted(
+        admit(
+            store,
+            t0 + 3_000,
+            &[other.clone(), minute.clone()],
+            rid(),
+            FAR,
+        )
+        .await?,
+    );
+    assert_eq!(values(&snapshots), vec![11, 7]);
+    // The next minute the minute counter starts again; the hour still refuses.
+    let r = refused(
+        admit(
+            store,
+            t0 + MINUTE + 1_000,
+            &[minute.clone(), hour.clone()],
+            rid(),
+            FAR,
+        )
+        .await?,
+    );
+    assert_eq!(
+        (r.blocking.clone(), values(&r.snapshots)),
+        (vec![1], vec![0, 30])
+    );
     Ok(())
 }
 
