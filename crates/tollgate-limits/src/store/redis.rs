@@ -49,6 +49,7 @@
 
 mod keys;
 mod scripts;
+mod shared_reads;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -71,6 +72,7 @@ use futures_util::future::join_all;
 use serde::Deserialize;
 
 use self::keys::{holds_key, CounterKeys, KeySpace};
+use self::shared_reads::{SharedReads, Turn};
 use super::{
     Admission, CounterSnapshot, CounterView, InspectFilter, Refusal, ReservationId, Settlement,
     Store, StoreError, SweepStats,
@@ -241,6 +243,8 @@ pub struct RedisStore {
     /// With batching and its read cache: per counter-window key, what this replica last
     /// learned of it from Redis (see [`Seen`]).
     seen: dashmap::DashMap<String, Seen>,
+    /// Concurrent read-only admissions of one counter share one `HMGET`.
+    reads: SharedReads,
     book: Mutex<HoldBook>,
     outstanding: AtomicU64,
     tallies: Tallies,
@@ -347,6 +351,7 @@ impl RedisStore {
             batching,
             held: dashmap::DashMap::new(),
             seen: dashmap::DashMap::new(),
+            reads: SharedReads::default(),
             keys: KeySpace::new(&cfg.key_prefix, cluster),
             cluster,
             timeout,
@@ -635,26 +640,31 @@ impl RedisStore {
     }
 
     /// `(value, reserved)` of every counter in `plans`, as Redis has them: one `HMGET`
-    /// per counter, pipelined.
+    /// per counter, pipelined. One counter (the usual request) is one command, and
+    /// concurrent reads of it share it (see [`shared_reads`]).
     async fn read_counters(&self, plans: &[OpPlan]) -> Result<Vec<(u64, u64)>, StoreError> {
+        if let [plan] = plans {
+            let key = plan.keys.state.as_str();
+            let lead = match self.reads.turn(key) {
+                // The leader's read is bounded, so a joiner needs no timer of its own.
+                Turn::Join(slot) => match shared_reads::answer(slot).await {
+                    Some(result) => return result.map(|row| vec![row]),
+                    // The leader went away: read alone.
+                    None => None,
+                },
+                Turn::Lead(lead) => Some(lead),
+            };
+            let result = self.read_one(key).await;
+            if let Some(lead) = lead {
+                lead.finish(&result);
+            }
+            return result.map(|row| vec![row]);
+        }
         let Conn::Single(mut c) = self.conn().await? else {
             return Err(StoreError::Protocol(
                 "a counter read by HMGET on a cluster".into(),
             ));
         };
-        if let [plan] = plans {
-            // One counter (the usual request): one command, without a pipeline's framing.
-            let (v, r): (Option<u64>, Option<u64>) = self
-                .bounded(
-                    ::redis::cmd("HMGET")
-                        .arg(&plan.keys.state)
-                        .arg("v")
-                        .arg("r")
-                        .query_async(&mut c),
-                )
-                .await?;
-            return Ok(vec![(v.unwrap_or(0), r.unwrap_or(0))]);
-        }
         let mut pipe = ::redis::pipe();
         for plan in plans {
             pipe.cmd("HMGET").arg(&plan.keys.state).arg("v").arg("r");
@@ -671,6 +681,31 @@ impl RedisStore {
             .into_iter()
             .map(|(v, r)| (v.unwrap_or(0), r.unwrap_or(0)))
             .collect())
+    }
+
+    /// `(value, reserved)` of one counter: one `HMGET`.
+    async fn read_one(&self, key: &str) -> Result<(u64, u64), StoreError> {
+        let Conn::Single(mut c) = self.conn().await? else {
+            return Err(StoreError::Protocol(
+                "a counter read by HMGET on a cluster".into(),
+            ));
+        };
+        let (v, r): (Option<u64>, Option<u64>) = self
+            .bounded(
+                ::redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("v")
+                    .arg("r")
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok((v.unwrap_or(0), r.unwrap_or(0)))
+    }
+
+    /// `(reads sent, reads joined)` by read-only admissions of one counter so far (see
+    /// [`shared_reads`]).
+    pub fn shared_read_counts(&self) -> (u64, u64) {
+        self.reads.counts()
     }
 
     /// `(value, reserved)` of every counter in `plans` from the read cache, if every
@@ -837,6 +872,8 @@ impl RedisStore {
                 Ok(conn) => self.bounded(conn.invoke::<Vec<i64>>(&inv)).await,
                 Err(e) => Err(e),
             };
+            // Landed or not (a timeout may have), reads sent before it are not joined.
+            self.reads.wrote();
             // What the write says of its counters, learned before their charges leave
             // the held book (`_release`), so the view never loses them in between.
             if let (Ok(reply), Some(interval)) = (&result, self.cache_interval()) {
@@ -876,7 +913,10 @@ impl RedisStore {
             let conn = conn.clone();
             async move { self.bounded(conn.invoke::<T>(inv)).await }
         });
-        join_all(calls).await
+        let results = join_all(calls).await;
+        // Every script may write: reads sent before it are not joined (see [`shared_reads`]).
+        self.reads.wrote();
+        results
     }
 
     /// Undo the admissions of the groups that admitted (cluster compensation, and

@@ -1,0 +1,194 @@
+//! Concurrent reads of one counter share one round trip.
+//!
+//! An after-mode admission only reads its counter (`HMGET`). When many requests of one
+//! counter arrive together (a gateway-wide budget, a team's shared key), each would send
+//! the same read. Here the first becomes the *leader* and sends it; requests that arrive
+//! while it is out *join* and take its answer, unless a write of this store landed since
+//! it was sent.
+//!
+//! That rule keeps the reads as exact as separate ones for everything this replica
+//! knows: every write this store makes (a script call, a batch of charges) bumps an
+//! epoch once its reply is in, successful or not, and a read may only be joined by
+//! requests that see the epoch it was sent under. So a request never takes a figure
+//! older than a write this replica had finished before the request began. What a joined
+//! read can miss is a write that was still in flight when the request began (another
+//! replica's, or this one's own), which a read of its own could also have missed: the
+//! two were concurrent. After-mode admission never saw calls still in flight anyway.
+//!
+//! A leader that is dropped (its request went away) or fails leaves nothing behind:
+//! its joiners see the channel close and read for themselves, or take its error.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+use crate::store::StoreError;
+
+/// `(value, reserved)` of one counter, or why it could not be read.
+pub(crate) type ReadResult = Result<(u64, u64), StoreError>;
+
+type Slot = watch::Receiver<Option<ReadResult>>;
+
+#[derive(Debug, Default)]
+pub(crate) struct SharedReads {
+    /// Bumped after every write of the store lands (or fails, which may have landed).
+    writes: AtomicU64,
+    next_id: AtomicU64,
+    in_flight: Mutex<HashMap<String, InFlight>>,
+    sent: AtomicU64,
+    joined: AtomicU64,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    epoch: u64,
+    answer: Slot,
+}
+
+/// Whether this request sends the read or takes another's.
+pub(crate) enum Turn<'a> {
+    Lead(Lead<'a>),
+    Join(Slot),
+}
+
+/// The right (and duty) to send one read and publish its answer.
+pub(crate) struct Lead<'a> {
+    reads: &'a SharedReads,
+    key: &'a str,
+    id: u64,
+    tx: watch::Sender<Option<ReadResult>>,
+}
+
+impl SharedReads {
+    /// The turn of a request reading `key` now.
+    pub fn turn<'a>(&'a self, key: &'a str) -> Turn<'a> {
+        let epoch = self.writes.load(Ordering::Acquire);
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = in_flight.get(key) {
+            if f.epoch == epoch {
+                self.joined.fetch_add(1, Ordering::Relaxed);
+                return Turn::Join(f.answer.clone());
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, answer) = watch::channel(None);
+        // A read sent under an older epoch stays out for its own joiners only.
+        in_flight.insert(key.to_owned(), InFlight { id, epoch, answer });
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        Turn::Lead(Lead {
+            reads: self,
+            key,
+            id,
+            tx,
+        })
+    }
+
+    /// A write of this store landed (or failed): reads sent before it are not joined.
+    pub fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// `(reads sent, requests that joined one)` so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.joined.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Lead<'_> {
+    /// Publish the answer to every joiner.
+    pub fn finish(self, result: &ReadResult) {
+        self.tx.send_replace(Some(result.clone()));
+        // `Drop` takes the entry out.
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self
+            .reads
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if in_flight.get(self.key).is_some_and(|f| f.id == self.id) {
+            in_flight.remove(self.key);
+        }
+    }
+}
+
+/// A joiner's answer: the leader's, or `None` when the leader went away without one.
+pub(crate) async fn answer(mut slot: Slot) -> Option<ReadResult> {
+    match slot.wait_for(Option::is_some).await {
+        Ok(v) => v.clone(),
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lead<'a>(t: Turn<'a>) -> Lead<'a> {
+        match t {
+            Turn::Lead(l) => l,
+            Turn::Join(_) => panic!("expected to lead"),
+        }
+    }
+
+    fn join(t: Turn<'_>) -> Slot {
+        match t {
+            Turn::Join(s) => s,
+            Turn::Lead(_) => panic!("expected to join"),
+        }
+    }
+
+    #[tokio::test]
+    async fn joiners_take_the_leaders_answer_until_a_write_lands() {
+        let reads = SharedReads::default();
+        let first = lead(reads.turn("k"));
+        let a = join(reads.turn("k"));
+        let b = join(reads.turn("k"));
+        // Another counter reads for itself.
+        let other = lead(reads.turn("j"));
+        // A write lands: the read out now may predate it, so the next request leads.
+        reads.wrote();
+        let second = lead(reads.turn("k"));
+        let c = join(reads.turn("k"));
+        assert_eq!(reads.counts(), (3, 3));
+        first.finish(&Ok((7, 1)));
+        assert_eq!(answer(a).await.map(Result::ok), Some(Some((7, 1))));
+        assert_eq!(answer(b).await.map(Result::ok), Some(Some((7, 1))));
+        // The first leader's end did not take the second's entry out.
+        let d = join(reads.turn("k"));
+        second.finish(&Err(StoreError::Timeout(50)));
+        for s in [c, d] {
+            assert!(matches!(
+                answer(s).await,
+                Some(Err(StoreError::Timeout(50)))
+            ));
+        }
+        // Done: the next request leads again.
+        drop(lead(reads.turn("k")));
+        drop(other);
+        assert!(reads.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_leader_gone_without_an_answer_leaves_its_joiners_to_read() {
+        let reads = SharedReads::default();
+        let first = lead(reads.turn("k"));
+        let a = join(reads.turn("k"));
+        drop(first);
+        assert!(answer(a).await.is_none());
+        assert!(reads.in_flight.lock().unwrap().is_empty());
+        drop(lead(reads.turn("k")));
+    }
+}
