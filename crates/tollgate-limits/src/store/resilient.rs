@@ -24,6 +24,7 @@
 //!
 //! Health is [`ResilientStore::state`], for `/readyz` and metrics.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -432,22 +433,30 @@ impl Store for ResilientStore {
 
     /// Never fails: what the primary cannot take now is deferred.
     async fn settle(&self, now: Millis, settlements: &[Settlement]) -> Result<(), StoreError> {
-        let (local, remote): (Vec<Settlement>, Vec<Settlement>) = {
+        // While the local store has admitted nothing (the primary is healthy, or has been
+        // long enough), every settlement is the primary's: no copy, no lookup.
+        let remote: Cow<'_, [Settlement]> = {
             let mut admitted_here = lock(&self.local_admissions);
-            settlements
-                .iter()
-                .cloned()
-                .partition(|s| admitted_here.take(s.reservation, &s.op.id))
+            if admitted_here.live.is_empty() {
+                Cow::Borrowed(settlements)
+            } else {
+                let (local, remote): (Vec<Settlement>, Vec<Settlement>) = settlements
+                    .iter()
+                    .cloned()
+                    .partition(|s| admitted_here.take(s.reservation, &s.op.id));
+                drop(admitted_here);
+                if !local.is_empty() {
+                    self.local.settle_sync(now, &local);
+                }
+                Cow::Owned(remote)
+            }
         };
-        if !local.is_empty() {
-            self.local.settle_sync(now, &local);
-        }
         if remote.is_empty() {
             return Ok(());
         }
         if let Err(e) = self.primary(now, self.primary.settle(now, &remote)).await {
             tracing::debug!(error = %e, n = remote.len(), "settlement deferred");
-            self.defer(now, remote);
+            self.defer(now, remote.into_owned());
         }
         Ok(())
     }

@@ -17,6 +17,9 @@
 //!
 //! A leader that is dropped (its request went away) or fails leaves nothing behind:
 //! its joiners see the channel close and read for themselves, or take its error.
+//!
+//! A read nobody joins costs a map entry and two short locks: the channel joiners wait
+//! on is made by the first of them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,16 +39,27 @@ pub(crate) struct SharedReads {
     /// Bumped after every write of the store lands (or fails, which may have landed).
     writes: AtomicU64,
     next_id: AtomicU64,
-    in_flight: Mutex<HashMap<String, InFlight>>,
+    in_flight: Mutex<Table>,
     sent: AtomicU64,
     joined: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    /// The read of each counter that requests may join (sent under the current epoch,
+    /// or the last one sent).
+    current: HashMap<String, InFlight>,
+    /// Channels of reads replaced by a newer one while joiners waited on them, by read
+    /// id, until their leaders answer.
+    replaced: HashMap<u64, watch::Sender<Option<ReadResult>>>,
 }
 
 #[derive(Debug)]
 struct InFlight {
     id: u64,
     epoch: u64,
-    answer: Slot,
+    /// Made by the first joiner: a read nobody joins costs no channel.
+    answer: Option<watch::Sender<Option<ReadResult>>>,
 }
 
 /// Whether this request sends the read or takes another's.
@@ -59,7 +73,6 @@ pub(crate) struct Lead<'a> {
     reads: &'a SharedReads,
     key: &'a str,
     id: u64,
-    tx: watch::Sender<Option<ReadResult>>,
 }
 
 impl SharedReads {
@@ -70,22 +83,43 @@ impl SharedReads {
             .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(f) = in_flight.get(key) {
+        if let Some(f) = in_flight.current.get_mut(key) {
             if f.epoch == epoch {
                 self.joined.fetch_add(1, Ordering::Relaxed);
-                return Turn::Join(f.answer.clone());
+                let slot = match &f.answer {
+                    Some(tx) => tx.subscribe(),
+                    None => {
+                        let (tx, slot) = watch::channel(None);
+                        f.answer = Some(tx);
+                        slot
+                    }
+                };
+                return Turn::Join(slot);
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, answer) = watch::channel(None);
+        let old = in_flight.current.insert(
+            key.to_owned(),
+            InFlight {
+                id,
+                epoch,
+                answer: None,
+            },
+        );
         // A read sent under an older epoch stays out for its own joiners only.
-        in_flight.insert(key.to_owned(), InFlight { id, epoch, answer });
+        if let Some(InFlight {
+            id: old_id,
+            answer: Some(tx),
+            ..
+        }) = old
+        {
+            in_flight.replaced.insert(old_id, tx);
+        }
         self.sent.fetch_add(1, Ordering::Relaxed);
         Turn::Lead(Lead {
             reads: self,
             key,
             id,
-            tx,
         })
     }
 
@@ -104,23 +138,38 @@ impl SharedReads {
 }
 
 impl Lead<'_> {
-    /// Publish the answer to every joiner.
+    /// Publish the answer to every joiner (none joined: nothing to send).
     pub fn finish(self, result: &ReadResult) {
-        self.tx.send_replace(Some(result.clone()));
-        // `Drop` takes the entry out.
+        if let Some(tx) = self.take() {
+            tx.send_replace(Some(result.clone()));
+        }
     }
-}
 
-impl Drop for Lead<'_> {
-    fn drop(&mut self) {
+    /// Take this read's entry out (no one joins it after this); its channel, if a
+    /// joiner made one.
+    fn take(&self) -> Option<watch::Sender<Option<ReadResult>>> {
         let mut in_flight = self
             .reads
             .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if in_flight.get(self.key).is_some_and(|f| f.id == self.id) {
-            in_flight.remove(self.key);
+        if in_flight
+            .current
+            .get(self.key)
+            .is_some_and(|f| f.id == self.id)
+        {
+            in_flight.current.remove(self.key).and_then(|f| f.answer)
+        } else {
+            in_flight.replaced.remove(&self.id)
         }
+    }
+}
+
+impl Drop for Lead<'_> {
+    /// Gone without an answer (or after `finish`, a no-op): joiners see the channel
+    /// close and read for themselves.
+    fn drop(&mut self) {
+        drop(self.take());
     }
 }
 
@@ -178,7 +227,8 @@ mod tests {
         // Done: the next request leads again.
         drop(lead(reads.turn("k")));
         drop(other);
-        assert!(reads.in_flight.lock().unwrap().is_empty());
+        let table = reads.in_flight.lock().unwrap();
+        assert!(table.current.is_empty() && table.replaced.is_empty());
     }
 
     #[tokio::test]
@@ -188,7 +238,10 @@ mod tests {
         let a = join(reads.turn("k"));
         drop(first);
         assert!(answer(a).await.is_none());
-        assert!(reads.in_flight.lock().unwrap().is_empty());
+        {
+            let table = reads.in_flight.lock().unwrap();
+            assert!(table.current.is_empty() && table.replaced.is_empty());
+        }
         drop(lead(reads.turn("k")));
     }
 }
