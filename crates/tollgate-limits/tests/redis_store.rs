@@ -957,12 +957,6 @@ async fn every_key_has_an_expiry() {
     }
 }
 
-/// After-mode requests (every op a fixed window that takes nothing) skip the scripts on a
-/// single node: the admission reads with `HMGET`, the settlement charges with
-/// `MULTI`/`EXEC`. They keep what the scripts keep: the window's description (as the
-/// admin API shows it), its expiry, refusal at the limit with the window's reset as
-/// retry-after, sums saturating at 2^53 - 1, and a counter with holds still going
-/// through the script (due holds released first).
 /// Read-only admissions of one counter that arrive together share one `HMGET`; once a
 /// write of the store has landed, the next ones read again and see it.
 #[tokio::test]
@@ -1035,6 +1029,12 @@ async fn concurrent_reads_of_one_counter_share_one_round_trip() {
     assert_eq!(store.shared_read_counts(), (sent + 2, joined));
 }
 
+/// After-mode requests (every op a fixed window that takes nothing) skip the scripts on a
+/// single node: the admission reads with `HMGET`, the settlement charges with
+/// `MULTI`/`EXEC`. They keep what the scripts keep: the window's description (as the
+/// admin API shows it), its expiry, refusal at the limit with the window's reset as
+/// retry-after, sums saturating at 2^53 - 1, and a counter with holds still going
+/// through the script (due holds released first).
 #[tokio::test]
 async fn reads_and_plain_charges_keep_the_script_invariants() {
     let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))

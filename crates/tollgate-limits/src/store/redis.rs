@@ -660,11 +660,7 @@ impl RedisStore {
             }
             return result.map(|row| vec![row]);
         }
-        let Conn::Single(mut c) = self.conn().await? else {
-            return Err(StoreError::Protocol(
-                "a counter read by HMGET on a cluster".into(),
-            ));
-        };
+        let mut c = self.single_conn().await?;
         let mut pipe = ::redis::pipe();
         for plan in plans {
             pipe.cmd("HMGET").arg(&plan.keys.state).arg("v").arg("r");
@@ -683,13 +679,19 @@ impl RedisStore {
             .collect())
     }
 
+    /// This thread's connection to a single node (counters are read by `HMGET` only there).
+    async fn single_conn(&self) -> Result<ConnectionManager, StoreError> {
+        match self.conn().await? {
+            Conn::Single(c) => Ok(c),
+            Conn::Cluster(_) => Err(StoreError::Protocol(
+                "a counter read by HMGET on a cluster".into(),
+            )),
+        }
+    }
+
     /// `(value, reserved)` of one counter: one `HMGET`.
     async fn read_one(&self, key: &str) -> Result<(u64, u64), StoreError> {
-        let Conn::Single(mut c) = self.conn().await? else {
-            return Err(StoreError::Protocol(
-                "a counter read by HMGET on a cluster".into(),
-            ));
-        };
+        let mut c = self.single_conn().await?;
         let (v, r): (Option<u64>, Option<u64>) = self
             .bounded(
                 ::redis::cmd("HMGET")
