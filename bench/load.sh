@@ -15,7 +15,7 @@
 #   --no-gateway      skip the tollgate row (to try the harness alone)
 #   --redis           add two rows: the same gateway with its counters on Redis (127.0.0.1:6379,
 #                     a key prefix of its own), without and with storage.redis.batching (5ms,
-#                     cached reads); a memory-vs-Redis comparison at a load both hold; and the
+#                     cached reads); a memory-vs-Redis comparison at two loads both hold; and the
 #                     accuracy bench (admitted ÷ limit, one gateway and three replicas on Redis)
 #   --jwt             add a row: JWT auth (the Gloo seed's token, cached verification)
 #                     and three token tiers (minute/hour/day) per `sub`
@@ -35,8 +35,8 @@
 #   STREAM_MS_PER_TOKEN [0] pacing of the simulated stream (0 = all tokens at once; 1 = a
 #                           real model's pace, which is what time-to-first-byte is about)
 #   DURATION [5s] WARMUP [1s]  per run; RUNS [3] runs per measurement (the median is shown)
-#   REDIS_RATE              with --redis: the fixed load at which memory and Redis counters are
-#                           compared [half the Redis row's saturation throughput]
+#   REDIS_RATE              with --redis: the one fixed load at which memory and Redis counters
+#                           are compared [half and a quarter of the Redis row's saturation]
 #   LOAD_THREADS [1]        tokio threads of the load generator (leave cores for the servers)
 #   CARGO_TARGET_DIR        where binaries are built/found [<repo>/target]
 #   SIM_CMD                 simulator command [<bin>/tollgate sim]
@@ -370,15 +370,28 @@ field() { sed -nE "s/.*\"$2\":([0-9.]+).*/\1/p" <<<"$1"; }
 nested() { sed -nE "s/.*\"$2\":\{[^}]*\"$3\":([0-9.]+).*/\1/p" <<<"$1"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 
-declare -A RPS P50 P99 TTFB50 TTFB99 BAD
-# measure KEY URL [RATE]: RUNS runs, medians stored under KEY.
+# cpu_ticks: "busy total" jiffies of the whole machine, from /proc/stat.
+cpu_ticks() {
+  local _c u n s i w x y z _rest
+  read -r _c u n s i w x y z _rest </proc/stat
+  echo "$((u + n + s + x + y + z)) $((u + n + s + i + w + x + y + z))"
+}
+
+declare -A RPS P50 P99 TTFB50 TTFB99 BAD BUSY
+# measure KEY URL [RATE]: RUNS runs, medians stored under KEY; BUSY is how many of the
+# machine's cores were busy during a run (every process: load generator, proxy, simulator,
+# Redis), so a fixed-load figure taken on a saturated box reads as such.
 measure() {
-  local key=$1 url=$2 rate=${3:-} i line rps=() p50=() p99=() t50=() t99=() bad=() ok req err
-  local rate_args=()
+  local key=$1 url=$2 rate=${3:-} i line rps=() p50=() p99=() t50=() t99=() bad=() busy=() ok req err
+  local rate_args=() t0 t1
   [[ -n $rate ]] && rate_args=(--rate "$rate")
   for i in $(seq 1 "$RUNS"); do
+    t0=$(cpu_ticks)
     line=$("$LOAD" --url "$url" --body "$BODY" -H "$(auth_for "${key#*_}")" -c "$C" -d "$DURATION" \
       --warmup "$WARMUP" --threads "$LOAD_THREADS" "${rate_args[@]}" "${STREAM_FLAG[@]}")
+    t1=$(cpu_ticks)
+    busy+=("$(awk -v a="$t0" -v b="$t1" -v n="$cores" 'BEGIN { split(a, x, " "); split(b, y, " ");
+      d = y[2] - x[2]; printf "%.2f", (d > 0 ? n * (y[1] - x[1]) / d : 0) }')")
     echo "$key run $i: $line" >>"$TMP/runs.log"
     rps+=("$(field "$line" rps)")
     p50+=("$(nested "$line" latency_us p50)")
@@ -396,6 +409,7 @@ measure() {
   P50[$key]=$(median "${p50[@]}")
   P99[$key]=$(median "${p99[@]}")
   BAD[$key]=$(median "${bad[@]}")
+  BUSY[$key]=$(median "${busy[@]}")
   if [[ $MODE == stream ]]; then
     TTFB50[$key]=$(median "${t50[@]}")
     TTFB99[$key]=$(median "${t99[@]}")
@@ -416,17 +430,26 @@ if [[ $MODE == table ]]; then
     log "fixed load $RATE req/s, $t..."
     measure "fix_$t" "${URL[$t]}" "$RATE"
   done
-  # Memory vs Redis at a load both can hold (the quarter-of-direct load above may be more
-  # than the Redis row sustains on a small box): half the Redis row's saturation.
+  # Memory vs Redis at loads both can hold (the quarter-of-direct load above may be more
+  # than the Redis row sustains on a small box): half and a quarter of the Redis row's
+  # saturation. At half, every process on this shared box together may already keep
+  # both cores busy (the "box CPU" column says), and p99 then measures the contention.
   if [[ -n ${GWPORT[tollgate-redis]:-} && -n $GW_PORT ]]; then
-    RRATE=${REDIS_RATE:-$(awk -v r="${RPS[sat_tollgate-redis]}" 'BEGIN { printf "%d", r / 2 }')}
-    [[ $RRATE -ge 1 ]] || RRATE=1
+    if [[ -n ${REDIS_RATE:-} ]]; then
+      RRATES=("$REDIS_RATE")
+    else
+      RRATES=("$(awk -v r="${RPS[sat_tollgate-redis]}" 'BEGIN { printf "%d", r / 2 }')"
+              "$(awk -v r="${RPS[sat_tollgate-redis]}" 'BEGIN { printf "%d", r / 4 }')")
+    fi
     RPAIR=(tollgate tollgate-redis)
     [[ -n ${GWPORT[tollgate-redis-batch]:-} ]] && RPAIR+=(tollgate-redis-batch)
     [[ -n $FLOOR_REDIS_PORT ]] && RPAIR+=(floor floor-redis)
-    for t in "${RPAIR[@]}"; do
-      log "fixed load $RRATE req/s (memory vs Redis), $t..."
-      measure "fixr_$t" "${URL[$t]}" "$RRATE"
+    for j in "${!RRATES[@]}"; do
+      [[ ${RRATES[$j]} -ge 1 ]] || RRATES[$j]=1
+      for t in "${RPAIR[@]}"; do
+        log "fixed load ${RRATES[$j]} req/s (memory vs Redis), $t..."
+        measure "fixr${j}_$t" "${URL[$t]}" "${RRATES[$j]}"
+      done
     done
   fi
 
@@ -446,31 +469,40 @@ if [[ $MODE == table ]]; then
       printf '%-32s %-24s %10s %10s %10s %12s %6s\n' "${LABEL[$t]}" "$load" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "$delta" "${BAD[$k]}"
     done
   done
-  if [[ -n ${RRATE:-} ]]; then
+  if [[ -n ${RRATES:-} ]]; then
     echo
-    echo "memory vs Redis counters (same policies; Redis on 127.0.0.1:6379, sharing the cores):"
-    printf '%-32s %-24s %10s %10s %10s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "failed/unsent"
-    for t in "${RPAIR[@]}"; do
-      k=fixr_$t
-      printf '%-32s %-24s %10s %10s %10s %6s\n' "${LABEL[$t]}" "fixed $RRATE req/s" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "${BAD[$k]}"
+    echo "memory vs Redis counters (same policies; Redis on 127.0.0.1:6379, sharing the cores;"
+    echo "box CPU = cores busy during the run, every process together, of $cores):"
+    printf '%-32s %-24s %10s %10s %10s %8s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "box CPU" "failed/unsent"
+    for j in "${!RRATES[@]}"; do
+      for t in "${RPAIR[@]}"; do
+        k=fixr${j}_$t
+        printf '%-32s %-24s %10s %10s %10s %8s %6s\n' "${LABEL[$t]}" "fixed ${RRATES[$j]} req/s" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "${BUSY[$k]}" "${BAD[$k]}"
+      done
     done
-    awk -v rs="${RPS[sat_tollgate-redis]}" -v ms="${RPS[sat_tollgate]}" \
-        -v r50="${P50[fixr_tollgate-redis]}" -v m50="${P50[fixr_tollgate]}" \
-        -v r99="${P99[fixr_tollgate-redis]}" -v m99="${P99[fixr_tollgate]}" 'BEGIN {
-      printf "Redis keeps %.1f%% of memory-mode throughput at saturation; at the fixed load Redis adds %+d us at p50, %+d us at p99\n",
-        100 * rs / ms, r50 - m50, r99 - m99 }'
+    awk -v rs="${RPS[sat_tollgate-redis]}" -v ms="${RPS[sat_tollgate]}" 'BEGIN {
+      printf "Redis keeps %.1f%% of memory-mode throughput at saturation\n", 100 * rs / ms }'
     if [[ -n ${GWPORT[tollgate-redis-batch]:-} ]]; then
-      awk -v rs="${RPS[sat_tollgate-redis-batch]}" -v ms="${RPS[sat_tollgate]}" \
-          -v r50="${P50[fixr_tollgate-redis-batch]}" -v m50="${P50[fixr_tollgate]}" \
-          -v r99="${P99[fixr_tollgate-redis-batch]}" -v m99="${P99[fixr_tollgate]}" 'BEGIN {
-        printf "with batching (5ms, cached reads) Redis keeps %.1f%% of memory-mode throughput; at the fixed load it adds %+d us at p50, %+d us at p99\n",
-          100 * rs / ms, r50 - m50, r99 - m99 }'
+      awk -v rs="${RPS[sat_tollgate-redis-batch]}" -v ms="${RPS[sat_tollgate]}" 'BEGIN {
+        printf "with batching (5ms, cached reads) Redis keeps %.1f%% of memory-mode throughput\n", 100 * rs / ms }'
     fi
-    if [[ -n $FLOOR_REDIS_PORT ]]; then
-      awk -v r50="${P50[fixr_floor-redis]}" -v m50="${P50[fixr_floor]}" \
-          -v r99="${P99[fixr_floor-redis]}" -v m99="${P99[fixr_floor]}" 'BEGIN {
-        printf "the hyper floor'"'"'s one Redis read per request adds %+d us at p50, %+d us at p99 at the same load\n", r50 - m50, r99 - m99 }'
-    fi
+    for j in "${!RRATES[@]}"; do
+      awk -v rate="${RRATES[$j]}" \
+          -v r50="${P50[fixr${j}_tollgate-redis]}" -v m50="${P50[fixr${j}_tollgate]}" \
+          -v r99="${P99[fixr${j}_tollgate-redis]}" -v m99="${P99[fixr${j}_tollgate]}" 'BEGIN {
+        printf "at %d req/s Redis adds %+d us at p50, %+d us at p99", rate, r50 - m50, r99 - m99 }'
+      if [[ -n ${GWPORT[tollgate-redis-batch]:-} ]]; then
+        awk -v r50="${P50[fixr${j}_tollgate-redis-batch]}" -v m50="${P50[fixr${j}_tollgate]}" \
+            -v r99="${P99[fixr${j}_tollgate-redis-batch]}" -v m99="${P99[fixr${j}_tollgate]}" 'BEGIN {
+          printf "; batching %+d / %+d us", r50 - m50, r99 - m99 }'
+      fi
+      if [[ -n $FLOOR_REDIS_PORT ]]; then
+        awk -v r50="${P50[fixr${j}_floor-redis]}" -v m50="${P50[fixr${j}_floor]}" \
+            -v r99="${P99[fixr${j}_floor-redis]}" -v m99="${P99[fixr${j}_floor]}" 'BEGIN {
+          printf "; the hyper floor'"'"'s one Redis read %+d / %+d us", r50 - m50, r99 - m99 }'
+      fi
+      echo
+    done
   fi
 else
   for t in "${TARGETS[@]}"; do

@@ -808,7 +808,8 @@ impl RedisStore {
 
     /// Send the charges waiting on `batch`, in one script call per round, until none are
     /// left. Charges that arrive while a call is out wait for the next round: under load,
-    /// many requests' settlements share one call; alone, a charge goes at once. With
+    /// many requests' settlements share one call; alone, a charge goes after one pass of
+    /// the thread's scheduler. With
     /// batching, each round first waits out the interval (or until the batch is full),
     /// and charges to one counter are added up into one.
     async fn flush_charges(&self, batch: &ChargeBatch) {
@@ -839,6 +840,12 @@ impl RedisStore {
                         () = full => {}
                     }
                 }
+            } else {
+                // One pass of this thread's scheduler first: the settlements of every
+                // request that finishes in it join this round instead of the next. It
+                // costs a charge no wait on an idle thread; at saturation it cut the
+                // script calls per request by a third (see the README's figures).
+                tokio::task::yield_now().await;
             }
             let (args, answers): (Vec<Vec<ChargeArgs>>, Vec<_>) = {
                 let mut q = batch.lock();
