@@ -1029,6 +1029,49 @@ async fn concurrent_reads_of_one_counter_share_one_round_trip() {
     assert_eq!(store.shared_read_counts(), (sent + 2, joined));
 }
 
+/// A batch of charges is a read too: admissions of its counter that arrive while it is out
+/// take its reply (the counter's value after the charge) instead of sending an `HMGET`.
+#[tokio::test]
+async fn admissions_join_a_charge_that_is_out() {
+    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap();
+    let now = SystemClock.now_ms();
+    let tokens = CounterOp {
+        need: Need::Room,
+        ..fixed(&format!("{}/charge-reads/tokens", run_id()), 1_000, 0, 0)
+    };
+    let one = std::slice::from_ref(&tokens);
+    let charge = |actual| Settlement {
+        op: tokens.clone(),
+        window_start: Window::aligned(MINUTE).start(now),
+        reservation: rid(),
+        actual,
+    };
+    store.settle(now, &[charge(30)]).await.unwrap();
+    let (sent, joined) = store.shared_read_counts();
+    let second = [charge(12)];
+    let mut settle = Box::pin(store.settle(now, &second));
+    // One pass of the scheduler, then the call goes out.
+    for _ in 0..2 {
+        assert!(futures_util::future::poll_immediate(&mut settle)
+            .await
+            .is_none());
+    }
+    let admissions =
+        futures_util::future::join_all((0..5).map(|_| store.admit(now, one, rid(), 0)));
+    let (settled, admitted) = tokio::join!(settle, admissions);
+    settled.unwrap();
+    for a in admitted {
+        assert_eq!(snapshots(a.unwrap())[0].value, 42);
+    }
+    assert_eq!(store.shared_read_counts(), (sent, joined + 5));
+    // Once it is answered, the next admission reads for itself.
+    let late = store.admit(now, one, rid(), 0).await.unwrap();
+    assert_eq!(snapshots(late)[0].value, 42);
+    assert_eq!(store.shared_read_counts(), (sent + 1, joined + 5));
+}
+
 /// After-mode requests (every op a fixed window that takes nothing) skip the scripts on a
 /// single node: the admission reads with `HMGET`, the settlement charges with
 /// `MULTI`/`EXEC`. They keep what the scripts keep: the window's description (as the

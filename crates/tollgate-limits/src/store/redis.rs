@@ -866,6 +866,17 @@ impl RedisStore {
                 held: &self.held,
                 charges: &args,
             });
+            // Its reply is each counter's value after it: a read that admissions of these
+            // counters may join while it is out (see [`shared_reads`]). Only where
+            // admissions read with `HMGET`: a single node, without batching's book.
+            let offers: Vec<_> = if self.batching.is_none() && !self.cluster {
+                merged
+                    .iter()
+                    .map(|&(a, _)| self.reads.offer(&a.key))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let mut inv = CHARGE.prepare_invoke();
             for &(a, actual) in &merged {
                 inv.key(&a.key)
@@ -881,6 +892,18 @@ impl RedisStore {
                 Ok(conn) => self.bounded(conn.invoke::<Vec<i64>>(&inv)).await,
                 Err(e) => Err(e),
             };
+            // Joiners take each counter's figure; with no usable reply they read for
+            // themselves (the offers are dropped unanswered).
+            if let Ok(reply) = &result {
+                if reply.len() == 2 * offers.len() {
+                    for (lead, vr) in offers.into_iter().zip(reply.chunks_exact(2)) {
+                        if let &[v, r] = vr {
+                            let num = |x: i64| u64::try_from(x).unwrap_or(0);
+                            lead.finish(&Ok((num(v), num(r))));
+                        }
+                    }
+                }
+            }
             // Landed or not (a timeout may have), reads sent before it are not joined.
             self.reads.wrote();
             // What the write says of its counters, learned before their charges leave

@@ -15,6 +15,12 @@
 //! replica's, or this one's own), which a read of its own could also have missed: the
 //! two were concurrent. After-mode admission never saw calls still in flight anyway.
 //!
+//! A batch of charges is a read too: its script replies with each counter's value after
+//! it, so while it is out, requests reading one of its counters join it as they would a
+//! read (same epoch rule: the charge's state in Redis is no older than the moment it was
+//! sent). A batch that fails, or whose reply has another shape, leaves its joiners to
+//! read for themselves.
+//!
 //! A leader that is dropped (its request went away) or fails leaves nothing behind:
 //! its joiners see the channel close and read for themselves, or take its error.
 //!
@@ -62,6 +68,29 @@ struct InFlight {
     answer: Option<watch::Sender<Option<ReadResult>>>,
 }
 
+impl Table {
+    /// Make read `id` of `key` (sent under `epoch`) the one requests join. A read it
+    /// replaces stays out for its own joiners only.
+    fn install(&mut self, key: &str, id: u64, epoch: u64) {
+        let old = self.current.insert(
+            key.to_owned(),
+            InFlight {
+                id,
+                epoch,
+                answer: None,
+            },
+        );
+        if let Some(InFlight {
+            id: old_id,
+            answer: Some(tx),
+            ..
+        }) = old
+        {
+            self.replaced.insert(old_id, tx);
+        }
+    }
+}
+
 /// Whether this request sends the read or takes another's.
 pub(crate) enum Turn<'a> {
     Lead(Lead<'a>),
@@ -98,29 +127,32 @@ impl SharedReads {
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let old = in_flight.current.insert(
-            key.to_owned(),
-            InFlight {
-                id,
-                epoch,
-                answer: None,
-            },
-        );
-        // A read sent under an older epoch stays out for its own joiners only.
-        if let Some(InFlight {
-            id: old_id,
-            answer: Some(tx),
-            ..
-        }) = old
-        {
-            in_flight.replaced.insert(old_id, tx);
-        }
+        in_flight.install(key, id, epoch);
         self.sent.fetch_add(1, Ordering::Relaxed);
         Turn::Lead(Lead {
             reads: self,
             key,
             id,
         })
+    }
+
+    /// A write about to be sent whose reply tells `key`'s `(value, reserved)` after it (a
+    /// batch of charges): requests that read `key` while it is out join it as they would a
+    /// read, under the same epoch rule. It replaces a read out now (whose joiners keep
+    /// its answer); it is not counted as a read sent.
+    pub fn offer<'a>(&'a self, key: &'a str) -> Lead<'a> {
+        let epoch = self.writes.load(Ordering::Acquire);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        in_flight.install(key, id, epoch);
+        Lead {
+            reads: self,
+            key,
+            id,
+        }
     }
 
     /// A write of this store landed (or failed): reads sent before it are not joined.
@@ -227,6 +259,36 @@ mod tests {
         // Done: the next request leads again.
         drop(lead(reads.turn("k")));
         drop(other);
+        let table = reads.in_flight.lock().unwrap();
+        assert!(table.current.is_empty() && table.replaced.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_write_offered_as_a_read_is_joined_like_one() {
+        let reads = SharedReads::default();
+        let read = lead(reads.turn("k"));
+        let a = join(reads.turn("k"));
+        // A charge of the same counter goes out: requests now join it, not the read
+        // before it, whose joiners keep its answer.
+        let charge = reads.offer("k");
+        let b = join(reads.turn("k"));
+        assert_eq!(reads.counts(), (1, 2));
+        charge.finish(&Ok((9, 0)));
+        read.finish(&Ok((7, 0)));
+        assert_eq!(answer(a).await.map(Result::ok), Some(Some((7, 0))));
+        assert_eq!(answer(b).await.map(Result::ok), Some(Some((9, 0))));
+        // A charge without a usable reply leaves its joiners to read for themselves.
+        let charge = reads.offer("k");
+        let c = join(reads.turn("k"));
+        drop(charge);
+        assert!(answer(c).await.is_none());
+        // Nor is a charge joined once a write landed after it was sent.
+        let charge = reads.offer("k");
+        reads.wrote();
+        let again = lead(reads.turn("k"));
+        drop(charge);
+        drop(again);
+        assert_eq!(reads.counts(), (2, 3));
         let table = reads.in_flight.lock().unwrap();
         assert!(table.current.is_empty() && table.replaced.is_empty());
     }
