@@ -329,6 +329,17 @@ fn settlements(ops: &[CounterOp], a: &Admission, r: ReservationId, actual: u64) 
         .collect()
 }
 
+/// A plain charge of `actual` to a one-minute fixed window of `op` at `now`, made by hand
+/// (no admission before it).
+fn charge_at(op: &CounterOp, now: u64, actual: u64) -> Settlement {
+    Settlement {
+        op: op.clone(),
+        window_start: Window::aligned(MINUTE).start(now),
+        reservation: rid(),
+        actual,
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Cluster specifics.
 
@@ -997,13 +1008,10 @@ async fn concurrent_reads_of_one_counter_share_one_round_trip() {
         .is_none());
     // (A settlement made by hand: an admission now would join the early read, whose
     // leader this test holds unpolled.)
-    let charge = Settlement {
-        op: tokens.clone(),
-        window_start: Window::aligned(MINUTE).start(now),
-        reservation: rid(),
-        actual: 7,
-    };
-    store.settle(now, &[charge]).await.unwrap();
+    store
+        .settle(now, &[charge_at(&tokens, now, 7)])
+        .await
+        .unwrap();
     let late = store.admit(now, one, rid(), 0).await.unwrap();
     assert_eq!(snapshots(late)[0].value, spent + 7);
     assert_eq!(snapshots(early.await.unwrap())[0].value, spent);
@@ -1042,15 +1050,12 @@ async fn admissions_join_a_charge_that_is_out() {
         ..fixed(&format!("{}/charge-reads/tokens", run_id()), 1_000, 0, 0)
     };
     let one = std::slice::from_ref(&tokens);
-    let charge = |actual| Settlement {
-        op: tokens.clone(),
-        window_start: Window::aligned(MINUTE).start(now),
-        reservation: rid(),
-        actual,
-    };
-    store.settle(now, &[charge(30)]).await.unwrap();
+    store
+        .settle(now, &[charge_at(&tokens, now, 30)])
+        .await
+        .unwrap();
     let (sent, joined) = store.shared_read_counts();
-    let second = [charge(12)];
+    let second = [charge_at(&tokens, now, 12)];
     let mut settle = Box::pin(store.settle(now, &second));
     // One pass of the scheduler, then the call goes out.
     for _ in 0..2 {

@@ -892,32 +892,30 @@ impl RedisStore {
                 Ok(conn) => self.bounded(conn.invoke::<Vec<i64>>(&inv)).await,
                 Err(e) => Err(e),
             };
-            // Joiners take each counter's figure; with no usable reply they read for
-            // themselves (the offers are dropped unanswered).
-            if let Ok(reply) = &result {
-                if reply.len() == 2 * offers.len() {
-                    for (lead, vr) in offers.into_iter().zip(reply.chunks_exact(2)) {
-                        if let &[v, r] = vr {
-                            let num = |x: i64| u64::try_from(x).unwrap_or(0);
-                            lead.finish(&Ok((num(v), num(r))));
-                        }
-                    }
+            // Each counter's figure after the call, if the reply has it.
+            let rows = || {
+                result
+                    .as_deref()
+                    .ok()
+                    .and_then(|r| charge_rows(r, merged.len()))
+            };
+            // Joiners take it; with no usable reply they read for themselves (the
+            // offers are dropped unanswered).
+            if let Some(rows) = rows() {
+                for (lead, row) in offers.into_iter().zip(rows) {
+                    lead.finish(&Ok(row));
                 }
             }
             // Landed or not (a timeout may have), reads sent before it are not joined.
             self.reads.wrote();
             // What the write says of its counters, learned before their charges leave
-            // the held book (`_release`), so the view never loses them in between.
-            if let (Ok(reply), Some(interval)) = (&result, self.cache_interval()) {
+            // the held book (`_release`), so the view never loses them in between. A
+            // reply of another shape teaches nothing; the write stands.
+            if let (Some(rows), Some(interval)) = (rows(), self.cache_interval()) {
                 // The latest settlement of the round: no later than the call.
                 let at = args.iter().flatten().map(|a| a.now).max().unwrap_or(0);
-                // A reply of another shape teaches nothing; the write stands.
-                if reply.len() == 2 * merged.len() {
-                    for ((a, _), vr) in merged.iter().zip(reply.chunks_exact(2)) {
-                        let num =
-                            |i: usize| vr.get(i).map_or(0, |&x| u64::try_from(x).unwrap_or(0));
-                        learn(&self.seen, &a.key, num(0), num(1), at, interval);
-                    }
+                for ((a, _), (value, reserved)) in merged.iter().zip(rows) {
+                    learn(&self.seen, &a.key, value, reserved, at, interval);
                 }
             }
             let result = result.map(drop);
@@ -1269,6 +1267,18 @@ fn stands(e: &Seen, now: Millis, interval: u64) -> bool {
 }
 
 /// Record what Redis said of `key` at `at` (engine ms when the call was sent).
+/// `(value, reserved)` of each of `n` counters from a [`scripts::CHARGE`] reply, or `None`
+/// when the reply has another shape.
+fn charge_rows(reply: &[i64], n: usize) -> Option<impl Iterator<Item = (u64, u64)> + '_> {
+    let num = |x: i64| u64::try_from(x).unwrap_or(0);
+    (reply.len() == 2 * n).then(|| {
+        reply.chunks_exact(2).map(move |vr| match *vr {
+            [v, r] => (num(v), num(r)),
+            _ => (0, 0),
+        })
+    })
+}
+
 fn learn(
     seen: &dashmap::DashMap<String, Seen>,
     key: &str,

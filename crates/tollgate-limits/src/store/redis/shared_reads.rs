@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
@@ -108,10 +108,7 @@ impl SharedReads {
     /// The turn of a request reading `key` now.
     pub fn turn<'a>(&'a self, key: &'a str) -> Turn<'a> {
         let epoch = self.writes.load(Ordering::Acquire);
-        let mut in_flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut in_flight = self.table();
         if let Some(f) = in_flight.current.get_mut(key) {
             if f.epoch == epoch {
                 self.joined.fetch_add(1, Ordering::Relaxed);
@@ -143,16 +140,19 @@ impl SharedReads {
     pub fn offer<'a>(&'a self, key: &'a str) -> Lead<'a> {
         let epoch = self.writes.load(Ordering::Acquire);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut in_flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut in_flight = self.table();
         in_flight.install(key, id, epoch);
         Lead {
             reads: self,
             key,
             id,
         }
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A write of this store landed (or failed): reads sent before it are not joined.
@@ -180,11 +180,7 @@ impl Lead<'_> {
     /// Take this read's entry out (no one joins it after this); its channel, if a
     /// joiner made one.
     fn take(&self) -> Option<watch::Sender<Option<ReadResult>>> {
-        let mut in_flight = self
-            .reads
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut in_flight = self.reads.table();
         if in_flight
             .current
             .get(self.key)
@@ -224,6 +220,12 @@ mod tests {
         }
     }
 
+    /// Nothing left behind: no read to join, no replaced read's channel.
+    fn assert_empty(reads: &SharedReads) {
+        let table = reads.table();
+        assert!(table.current.is_empty() && table.replaced.is_empty());
+    }
+
     fn join(t: Turn<'_>) -> Slot {
         match t {
             Turn::Join(s) => s,
@@ -259,8 +261,7 @@ mod tests {
         // Done: the next request leads again.
         drop(lead(reads.turn("k")));
         drop(other);
-        let table = reads.in_flight.lock().unwrap();
-        assert!(table.current.is_empty() && table.replaced.is_empty());
+        assert_empty(&reads);
     }
 
     #[tokio::test]
@@ -289,8 +290,7 @@ mod tests {
         drop(charge);
         drop(again);
         assert_eq!(reads.counts(), (2, 3));
-        let table = reads.in_flight.lock().unwrap();
-        assert!(table.current.is_empty() && table.replaced.is_empty());
+        assert_empty(&reads);
     }
 
     #[tokio::test]
@@ -300,10 +300,7 @@ mod tests {
         let a = join(reads.turn("k"));
         drop(first);
         assert!(answer(a).await.is_none());
-        {
-            let table = reads.in_flight.lock().unwrap();
-            assert!(table.current.is_empty() && table.replaced.is_empty());
-        }
+        assert_empty(&reads);
         drop(lead(reads.turn("k")));
     }
 }
