@@ -38,6 +38,10 @@
 #   REDIS_RATE              with --redis: the one fixed load at which memory and Redis counters
 #                           are compared [half and a quarter of the Redis row's saturation]
 #   LOAD_THREADS [1]        tokio threads of the load generator (leave cores for the servers)
+#   WORKERS                 proxy threads of every tollgate (server.workers) and of the floor
+#                           (--workers) [their default: one per CPU]. On a small box that the
+#                           load generator, simulator and Redis share, fewer threads than cores
+#                           can be faster: the proxy threads are preempted less
 #   CARGO_TARGET_DIR        where binaries are built/found [<repo>/target]
 #   SIM_CMD                 simulator command [<bin>/tollgate sim]
 #
@@ -92,6 +96,8 @@ DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 RUNS=${RUNS:-3}
 LOAD_THREADS=${LOAD_THREADS:-1}
+WORKERS=${WORKERS:-}
+[[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: WORKERS must be a positive number" >&2; exit 2; }
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -199,6 +205,16 @@ SIM_PACE=0
 PIDS+=($!)
 wait_http "http://127.0.0.1:$SIM_PORT/v1/models" "simulator" "$TMP/sim.log"
 
+# with_workers CONFIG: set server.workers to $WORKERS in a tollgate config (once; the bench
+# configs have no server section of their own).
+with_workers() {
+  if [[ -n $WORKERS ]] && ! grep -q '^server:' "$1"; then
+    printf 'server:\n  workers: %s\n' "$WORKERS" >>"$1"
+  fi
+}
+FLOOR_WORKERS=()
+[[ -n $WORKERS ]] && FLOOR_WORKERS=(--workers "$WORKERS")
+
 GW_PORT=""
 if [[ $USE_GATEWAY == 1 ]]; then
   GW_PORT=$(free_port)
@@ -210,6 +226,7 @@ if [[ $USE_GATEWAY == 1 ]]; then
   if [[ $ACCESS_LOG == 1 ]]; then
     sed -i -e 's/access_log: false/access_log: true/' "$TMP/tollgate.yaml"
   fi
+  with_workers "$TMP/tollgate.yaml"
   "$TOLLGATE" serve -c "$TMP/tollgate.yaml" >"$TMP/tollgate.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$ADMIN_PORT/healthz" "tollgate" "$TMP/tollgate.log"
@@ -221,6 +238,7 @@ start_gateway() {
   local name=$1 cfg=$2 port admin
   port=$(free_port); admin=$(free_port)
   sed -i -e "s/127\.0\.0\.1:8080/127.0.0.1:$port/" -e "s/127\.0\.0\.1:9901/127.0.0.1:$admin/" "$cfg"
+  with_workers "$cfg"
   "$TOLLGATE" serve -c "$cfg" >"$TMP/$name.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$admin/healthz" "$name" "$TMP/$name.log"
@@ -308,14 +326,14 @@ fi
 FLOOR_PORT=""
 if [[ $USE_FLOORS == 1 ]]; then
   FLOOR_PORT=$(free_port)
-  "$FLOOR" --listen "127.0.0.1:$FLOOR_PORT" --upstream "127.0.0.1:$SIM_PORT" >"$TMP/floor.log" 2>&1 &
+  "$FLOOR" --listen "127.0.0.1:$FLOOR_PORT" --upstream "127.0.0.1:$SIM_PORT" "${FLOOR_WORKERS[@]}" >"$TMP/floor.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$FLOOR_PORT/v1/models" "tollgate-floor" "$TMP/floor.log"
 fi
 FLOOR_REDIS_PORT=""
 if [[ $USE_FLOORS == 1 && $USE_REDIS == 1 ]]; then
   FLOOR_REDIS_PORT=$(free_port)
-  "$FLOOR" --listen "127.0.0.1:$FLOOR_REDIS_PORT" --upstream "127.0.0.1:$SIM_PORT" \
+  "$FLOOR" --listen "127.0.0.1:$FLOOR_REDIS_PORT" --upstream "127.0.0.1:$SIM_PORT" "${FLOOR_WORKERS[@]}" \
     --redis redis://127.0.0.1:6379 --redis-key "tgbench-$$-floor" >"$TMP/floor-redis.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$FLOOR_REDIS_PORT/v1/models" "tollgate-floor --redis" "$TMP/floor-redis.log"
@@ -455,7 +473,7 @@ if [[ $MODE == table ]]; then
 
   echo
   echo "tollgate end-to-end benchmark: POST $PATH_ (non-streaming, max_tokens 16), simulator latency 0"
-  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores"
+  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores; proxy threads: ${WORKERS:-one per core}"
   echo "req/s is the throughput achieved; failed/unsent = non-2xx + transport errors + requests due but never sent"
   echo
   printf '%-32s %-24s %10s %10s %10s %12s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "p50 vs direct" "failed/unsent"
@@ -511,7 +529,7 @@ else
   done
   echo
   echo "tollgate streaming overhead: POST $PATH_ stream=true include_usage, $STREAM_TOKENS tokens (ms_per_token $SIM_PACE)"
-  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores"
+  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores; proxy threads: ${WORKERS:-one per core}"
   echo
   printf '%-32s %10s %12s %12s %12s %12s %6s\n' "target" "streams/s" "TTFB p50 us" "TTFB p99 us" "total p50 us" "total p99 us" "failed/unsent"
   printf '%-32s %10s %12s %12s %12s %12s %6s\n' "------" "---------" "-----------" "-----------" "------------" "------------" "-------------"
