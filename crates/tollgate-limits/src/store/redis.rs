@@ -47,6 +47,7 @@
 //! through this `RedisStore` and neither settled nor past their deadline (or, for a
 //! window, past its grace). Other replicas' holds are not counted.
 
+mod call;
 mod keys;
 mod scripts;
 mod shared_reads;
@@ -64,13 +65,14 @@ use ::redis::cluster_routing::{
     MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
 };
 use ::redis::{
-    Client, ClientTlsConfig, FromRedisValue, RedisError, RedisResult, Script, ScriptInvocation,
-    TlsCertificates, Value,
+    Client, ClientTlsConfig, FromRedisValue, RedisError, RedisResult, Script, TlsCertificates,
+    Value,
 };
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use serde::Deserialize;
 
+use self::call::Call;
 use self::keys::{holds_key, CounterKeys, KeySpace};
 use self::shared_reads::{SharedReads, Turn};
 use super::{
@@ -877,10 +879,12 @@ impl RedisStore {
             } else {
                 Vec::new()
             };
-            let mut inv = CHARGE.prepare_invoke();
+            let mut call = Call::new(&CHARGE, merged.len(), 7 * merged.len());
+            for &(a, _) in &merged {
+                call.key(&a.key);
+            }
             for &(a, actual) in &merged {
-                inv.key(&a.key)
-                    .arg(actual)
+                call.arg(actual)
                     .arg(&a.id)
                     .arg(a.kind)
                     .arg(a.limit)
@@ -889,7 +893,7 @@ impl RedisStore {
                     .arg(a.expire_at);
             }
             let result = match self.conn().await {
-                Ok(conn) => self.bounded(conn.invoke::<Vec<i64>>(&inv)).await,
+                Ok(conn) => self.bounded(conn.call::<Vec<i64>>(&call)).await,
                 Err(e) => Err(e),
             };
             // Each counter's figure after the call, if the reply has it.
@@ -933,15 +937,15 @@ impl RedisStore {
         }
     }
 
-    /// Run `invocations` concurrently, each bounded, all within one timeout.
+    /// Run `calls` concurrently, each bounded, all within one timeout.
     async fn run_all<T: FromRedisValue>(
         &self,
         conn: &Conn,
-        invocations: Vec<ScriptInvocation<'static>>,
+        calls: Vec<Call>,
     ) -> Vec<Result<T, StoreError>> {
-        let calls = invocations.iter().map(|inv| {
+        let calls = calls.iter().map(|call| {
             let conn = conn.clone();
-            async move { self.bounded(conn.invoke::<T>(inv)).await }
+            async move { self.bounded(conn.call::<T>(call)).await }
         });
         let results = join_all(calls).await;
         // Every script may write: reads sent before it are not joined (see [`shared_reads`]).
@@ -958,22 +962,23 @@ impl RedisStore {
         groups: &[&Vec<usize>],
         reservation: ReservationId,
     ) -> Result<(), StoreError> {
-        let invocations = groups
+        let calls = groups
             .iter()
             .map(|members| {
-                let mut inv = ROLLBACK.prepare_invoke();
-                inv.arg(reservation.0).arg(members.len());
-                for &i in members.iter() {
-                    if let Some(p) = plans.get(i) {
-                        inv.key(&p.keys.state).key(&p.keys.holds);
-                        inv.arg(p.ty).arg(p.commit);
-                    }
+                let listed: Vec<&OpPlan> = members.iter().filter_map(|&i| plans.get(i)).collect();
+                let mut call = Call::new(&ROLLBACK, 2 * listed.len(), 2 + 2 * listed.len());
+                for p in &listed {
+                    call.key(&p.keys.state).key(&p.keys.holds);
                 }
-                inv
+                call.arg(reservation.0).arg(members.len());
+                for p in &listed {
+                    call.arg(p.ty).arg(p.commit);
+                }
+                call
             })
             .collect();
         let mut failure = None;
-        for result in self.run_all::<i64>(conn, invocations).await {
+        for result in self.run_all::<i64>(conn, calls).await {
             self.tallies.rollbacks.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = result {
                 self.tallies
@@ -1095,18 +1100,18 @@ impl RedisStore {
     ) -> Result<Vec<(String, T)>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(BATCH) {
-            let invocations = chunk
+            let calls = chunk
                 .iter()
                 .map(|k| {
-                    let mut inv = script.prepare_invoke();
-                    inv.key(k).key(holds_key(k));
+                    let mut call = Call::new(script, 2, args.len());
+                    call.key(k).key(holds_key(k));
                     for a in args {
-                        inv.arg(a);
+                        call.arg(a);
                     }
-                    inv
+                    call
                 })
                 .collect();
-            for (k, r) in chunk.iter().zip(self.run_all::<T>(conn, invocations).await) {
+            for (k, r) in chunk.iter().zip(self.run_all::<T>(conn, calls).await) {
                 out.push((k.clone(), r?));
             }
         }
@@ -1124,10 +1129,10 @@ fn store_connect_timeout(store: &RedisStore) -> u64 {
 }
 
 impl Conn {
-    async fn invoke<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> RedisResult<T> {
+    async fn call<T: FromRedisValue>(&self, call: &Call) -> RedisResult<T> {
         match self.clone() {
-            Conn::Single(mut c) => inv.invoke_async(&mut c).await,
-            Conn::Cluster(mut c) => inv.invoke_async(&mut c).await,
+            Conn::Single(mut c) => call.invoke(&mut c).await,
+            Conn::Cluster(mut c) => call.invoke(&mut c).await,
         }
     }
 }
@@ -1671,22 +1676,25 @@ impl Store for RedisStore {
         }
         let keys: Vec<CounterKeys> = plans.iter().map(|p| p.keys.clone()).collect();
         let groups = self.group(&keys);
-        let invocations = groups
+        let calls = groups
             .iter()
             .map(|members| {
-                let mut inv = ADMIT.prepare_invoke();
-                inv.arg(now)
+                let listed: Vec<(usize, &CounterOp, &OpPlan)> = members
+                    .iter()
+                    .filter_map(|&i| Some((i, ops.get(i)?, plans.get(i)?)))
+                    .collect();
+                let mut call = Call::new(&ADMIT, 2 * listed.len(), 5 + 10 * listed.len());
+                for (_, _, plan) in &listed {
+                    call.key(&plan.keys.state).key(&plan.keys.holds);
+                }
+                call.arg(now)
                     .arg(reservation.0)
                     .arg(deadline)
                     .arg(self.grace)
                     .arg(members.len());
-                for &i in members {
-                    let (Some(op), Some(plan)) = (ops.get(i), plans.get(i)) else {
-                        continue;
-                    };
+                for &(i, op, plan) in &listed {
                     let (limit, p, q) = rate_args(&op.rate, plan.window_start, plan.window_end);
-                    inv.key(&plan.keys.state).key(&plan.keys.holds);
-                    inv.arg(plan.ty)
+                    call.arg(plan.ty)
                         .arg(op.id.as_str())
                         .arg(kind_code(op.kind))
                         .arg(match op.need {
@@ -1700,11 +1708,11 @@ impl Store for RedisStore {
                         .arg(p)
                         .arg(q);
                 }
-                inv
+                call
             })
             .collect();
         let conn = self.conn().await?;
-        let results = self.run_all::<Vec<i64>>(&conn, invocations).await;
+        let results = self.run_all::<Vec<i64>>(&conn, calls).await;
         self.forget(keys.iter());
 
         let mut replies: Vec<Option<OpReply>> = vec![None; ops.len()];
@@ -1766,25 +1774,28 @@ impl Store for RedisStore {
             return self.charge(now, settlements, &keys).await;
         }
         let groups = self.group(&keys);
-        let invocations = groups
+        let calls = groups
             .iter()
             .map(|members| {
-                let mut inv = SETTLE.prepare_invoke();
-                inv.arg(now).arg(self.grace).arg(members.len());
-                for &i in members {
-                    let (Some(s), Some(k)) = (settlements.get(i), keys.get(i)) else {
-                        continue;
-                    };
+                let listed: Vec<(&Settlement, &CounterKeys)> = members
+                    .iter()
+                    .filter_map(|&i| Some((settlements.get(i)?, keys.get(i)?)))
+                    .collect();
+                let mut call = Call::new(&SETTLE, 2 * listed.len(), 3 + 9 * listed.len());
+                for (_, k) in &listed {
+                    call.key(&k.state).key(&k.holds);
+                }
+                call.arg(now).arg(self.grace).arg(members.len());
+                for &(s, _) in &listed {
                     let window_end = match s.op.rate {
                         Rate::Fixed { window, .. } => window.end(s.window_start),
                         _ => 0,
                     };
                     let (limit, p, q) = rate_args(&s.op.rate, s.window_start, window_end);
-                    inv.key(&k.state).key(&k.holds);
                     // Admission holds `reserve` (a concurrency counter: `commit` too).
                     let may_hold = s.op.reserve > 0
                         || (matches!(s.op.rate, Rate::Concurrency { .. }) && s.op.commit > 0);
-                    inv.arg(type_code(&s.op.rate))
+                    call.arg(type_code(&s.op.rate))
                         .arg(s.reservation.0)
                         .arg(exact(s.actual))
                         .arg(s.op.id.as_str())
@@ -1794,11 +1805,11 @@ impl Store for RedisStore {
                         .arg(q)
                         .arg(u8::from(may_hold));
                 }
-                inv
+                call
             })
             .collect();
         let conn = self.conn().await?;
-        let results = self.run_all::<Vec<i64>>(&conn, invocations).await;
+        let results = self.run_all::<Vec<i64>>(&conn, calls).await;
         self.forget(keys.iter());
         let mut failure = None;
         let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
