@@ -754,7 +754,7 @@ impl RedisStore {
         settlements: &[Settlement],
         keys: &[CounterKeys],
     ) -> Result<(), StoreError> {
-        let mut args = Vec::new();
+        let mut args = Vec::with_capacity(settlements.len());
         for (s, k) in settlements.iter().zip(keys) {
             let actual = exact(s.actual);
             let Rate::Fixed { window, limit } = s.op.rate else {

@@ -30,8 +30,9 @@ impl Call {
     /// A call of `script` with `keys` keys and, roughly, `args` arguments (a capacity
     /// hint only).
     pub(crate) fn new(script: &'static Script, keys: usize, args: usize) -> Self {
-        // Keys are about 60 bytes here, arguments mostly short numbers or ids.
-        let mut cmd = Cmd::with_capacity(3 + keys + args, 64 + 64 * keys + 24 * args);
+        // Room for keys of about 100 bytes and arguments of about 32 (numbers, counter
+        // ids), so a usual call is written without growing its buffer.
+        let mut cmd = Cmd::with_capacity(3 + keys + args, 64 + 100 * keys + 32 * args);
         cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
         Self {
             script,
