@@ -15,7 +15,8 @@
 #   --no-gateway      skip the tollgate row (to try the harness alone)
 #   --redis           add two rows: the same gateway with its counters on Redis (127.0.0.1:6379,
 #                     a key prefix of its own), without and with storage.redis.batching (5ms,
-#                     cached reads); a memory-vs-Redis comparison at two loads both hold; and the
+#                     cached reads); a memory-vs-Redis comparison at two loads both hold (with the
+#                     box's busy cores and the proxy's context switches per request); and the
 #                     accuracy bench (admitted ÷ limit, one gateway and three replicas on Redis)
 #   --jwt             add a row: JWT auth (the Gloo seed's token, cached verification)
 #                     and three token tiers (minute/hour/day) per `sub`
@@ -214,6 +215,8 @@ with_workers() {
 }
 FLOOR_WORKERS=()
 [[ -n $WORKERS ]] && FLOOR_WORKERS=(--workers "$WORKERS")
+# The proxy processes by target name (tollgate rows and floors), for their context switches.
+declare -A PIDOF
 
 GW_PORT=""
 if [[ $USE_GATEWAY == 1 ]]; then
@@ -229,6 +232,7 @@ if [[ $USE_GATEWAY == 1 ]]; then
   with_workers "$TMP/tollgate.yaml"
   "$TOLLGATE" serve -c "$TMP/tollgate.yaml" >"$TMP/tollgate.log" 2>&1 &
   PIDS+=($!)
+  PIDOF[tollgate]=$!
   wait_http "http://127.0.0.1:$ADMIN_PORT/healthz" "tollgate" "$TMP/tollgate.log"
 fi
 
@@ -241,6 +245,7 @@ start_gateway() {
   with_workers "$cfg"
   "$TOLLGATE" serve -c "$cfg" >"$TMP/$name.log" 2>&1 &
   PIDS+=($!)
+  PIDOF[$name]=$!
   wait_http "http://127.0.0.1:$admin/healthz" "$name" "$TMP/$name.log"
   GWPORT[$name]=$port
 }
@@ -328,6 +333,7 @@ if [[ $USE_FLOORS == 1 ]]; then
   FLOOR_PORT=$(free_port)
   "$FLOOR" --listen "127.0.0.1:$FLOOR_PORT" --upstream "127.0.0.1:$SIM_PORT" "${FLOOR_WORKERS[@]}" >"$TMP/floor.log" 2>&1 &
   PIDS+=($!)
+  PIDOF[floor]=$!
   wait_http "http://127.0.0.1:$FLOOR_PORT/v1/models" "tollgate-floor" "$TMP/floor.log"
 fi
 FLOOR_REDIS_PORT=""
@@ -336,6 +342,7 @@ if [[ $USE_FLOORS == 1 && $USE_REDIS == 1 ]]; then
   "$FLOOR" --listen "127.0.0.1:$FLOOR_REDIS_PORT" --upstream "127.0.0.1:$SIM_PORT" "${FLOOR_WORKERS[@]}" \
     --redis redis://127.0.0.1:6379 --redis-key "tgbench-$$-floor" >"$TMP/floor-redis.log" 2>&1 &
   PIDS+=($!)
+  PIDOF[floor-redis]=$!
   wait_http "http://127.0.0.1:$FLOOR_REDIS_PORT/v1/models" "tollgate-floor --redis" "$TMP/floor-redis.log"
 fi
 
@@ -395,23 +402,36 @@ cpu_ticks() {
   echo "$((u + n + s + x + y + z)) $((u + n + s + i + w + x + y + z))"
 }
 
-declare -A RPS P50 P99 TTFB50 TTFB99 BAD BUSY
+# ctx_switches PID: context switches (voluntary + involuntary) of every thread of PID so far.
+ctx_switches() {
+  cat /proc/"$1"/task/*/status 2>/dev/null |
+    awk '/^(non)?voluntary_ctxt_switches:/ { n += $2 } END { print n + 0 }'
+}
+now_ns() { date +%s%N; }
+
+declare -A RPS P50 P99 TTFB50 TTFB99 BAD BUSY CTX
 # measure KEY URL [RATE]: RUNS runs, medians stored under KEY; BUSY is how many of the
 # machine's cores were busy during a run (every process: load generator, proxy, simulator,
 # Redis), so a fixed-load figure taken on a saturated box reads as such.
 measure() {
   local key=$1 url=$2 rate=${3:-} i line rps=() p50=() p99=() t50=() t99=() bad=() busy=() ok req err
-  local rate_args=() t0 t1
+  local rate_args=() t0 t1 pid=${PIDOF[${key#*_}]:-} c0 c1 w0 w1 ctx=()
   [[ -n $rate ]] && rate_args=(--rate "$rate")
   for i in $(seq 1 "$RUNS"); do
     t0=$(cpu_ticks)
+    [[ -n $pid ]] && { c0=$(ctx_switches "$pid"); w0=$(now_ns); }
     line=$("$LOAD" --url "$url" --body "$BODY" -H "$(auth_for "${key#*_}")" -c "$C" -d "$DURATION" \
       --warmup "$WARMUP" --threads "$LOAD_THREADS" "${rate_args[@]}" "${STREAM_FLAG[@]}")
     t1=$(cpu_ticks)
+    [[ -n $pid ]] && { c1=$(ctx_switches "$pid"); w1=$(now_ns); }
     busy+=("$(awk -v a="$t0" -v b="$t1" -v n="$cores" 'BEGIN { split(a, x, " "); split(b, y, " ");
       d = y[2] - x[2]; printf "%.2f", (d > 0 ? n * (y[1] - x[1]) / d : 0) }')")
     echo "$key run $i: $line" >>"$TMP/runs.log"
     rps+=("$(field "$line" rps)")
+    # Per request: the switch rate over the whole run (warm-up included) over the
+    # measured request rate.
+    [[ -n $pid ]] && ctx+=("$(awk -v c="$((c1 - c0))" -v w="$((w1 - w0))" -v r="$(field "$line" rps)" \
+      'BEGIN { printf "%.2f", (w > 0 && r > 0 ? c / (w / 1e9) / r : 0) }')")
     p50+=("$(nested "$line" latency_us p50)")
     p99+=("$(nested "$line" latency_us p99)")
     if [[ $MODE == stream ]]; then
@@ -428,6 +448,8 @@ measure() {
   P99[$key]=$(median "${p99[@]}")
   BAD[$key]=$(median "${bad[@]}")
   BUSY[$key]=$(median "${busy[@]}")
+  CTX[$key]=-
+  [[ -n $pid ]] && CTX[$key]=$(median "${ctx[@]}")
   if [[ $MODE == stream ]]; then
     TTFB50[$key]=$(median "${t50[@]}")
     TTFB99[$key]=$(median "${t99[@]}")
@@ -490,14 +512,17 @@ if [[ $MODE == table ]]; then
   if [[ -n ${RRATES:-} ]]; then
     echo
     echo "memory vs Redis counters (same policies; Redis on 127.0.0.1:6379, sharing the cores;"
-    echo "box CPU = cores busy during the run, every process together, of $cores):"
-    printf '%-32s %-24s %10s %10s %10s %8s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "box CPU" "failed/unsent"
+    echo "box CPU = cores busy during the run, every process together, of $cores;"
+    echo "switches = context switches of the proxy's threads per request):"
+    printf '%-32s %-24s %10s %10s %10s %8s %8s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "box CPU" "switches" "failed/unsent"
     for j in "${!RRATES[@]}"; do
       for t in "${RPAIR[@]}"; do
         k=fixr${j}_$t
-        printf '%-32s %-24s %10s %10s %10s %8s %6s\n' "${LABEL[$t]}" "fixed ${RRATES[$j]} req/s" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "${BUSY[$k]}" "${BAD[$k]}"
+        printf '%-32s %-24s %10s %10s %10s %8s %8s %6s\n' "${LABEL[$t]}" "fixed ${RRATES[$j]} req/s" "${RPS[$k]}" "${P50[$k]}" "${P99[$k]}" "${BUSY[$k]}" "${CTX[$k]}" "${BAD[$k]}"
       done
     done
+    printf 'proxy context switches per request at saturation: memory %s, Redis %s\n' \
+      "${CTX[sat_tollgate]}" "${CTX[sat_tollgate-redis]}"
     awk -v rs="${RPS[sat_tollgate-redis]}" -v ms="${RPS[sat_tollgate]}" 'BEGIN {
       printf "Redis keeps %.1f%% of memory-mode throughput at saturation\n", 100 * rs / ms }'
     if [[ -n ${GWPORT[tollgate-redis-batch]:-} ]]; then
