@@ -965,13 +965,14 @@ impl RedisStore {
         let calls = groups
             .iter()
             .map(|members| {
-                let listed: Vec<&OpPlan> = members.iter().filter_map(|&i| plans.get(i)).collect();
-                let mut call = Call::new(&ROLLBACK, 2 * listed.len(), 2 + 2 * listed.len());
-                for p in &listed {
+                let listed = || members.iter().filter_map(|&i| plans.get(i));
+                let n = listed().count();
+                let mut call = Call::new(&ROLLBACK, 2 * n, 2 + 2 * n);
+                for p in listed() {
                     call.key(&p.keys.state).key(&p.keys.holds);
                 }
                 call.arg(reservation.0).arg(members.len());
-                for p in &listed {
+                for p in listed() {
                     call.arg(p.ty).arg(p.commit);
                 }
                 call
@@ -1271,7 +1272,6 @@ fn stands(e: &Seen, now: Millis, interval: u64) -> bool {
     now >= e.born && now < e.born.saturating_add(interval.saturating_mul(2))
 }
 
-/// Record what Redis said of `key` at `at` (engine ms when the call was sent).
 /// `(value, reserved)` of each of `n` counters from a [`scripts::CHARGE`] reply, or `None`
 /// when the reply has another shape.
 fn charge_rows(reply: &[i64], n: usize) -> Option<impl Iterator<Item = (u64, u64)> + '_> {
@@ -1284,6 +1284,7 @@ fn charge_rows(reply: &[i64], n: usize) -> Option<impl Iterator<Item = (u64, u64
     })
 }
 
+/// Record what Redis said of `key` at `at` (engine ms when the call was sent).
 fn learn(
     seen: &dashmap::DashMap<String, Seen>,
     key: &str,
@@ -1679,12 +1680,14 @@ impl Store for RedisStore {
         let calls = groups
             .iter()
             .map(|members| {
-                let listed: Vec<(usize, &CounterOp, &OpPlan)> = members
-                    .iter()
-                    .filter_map(|&i| Some((i, ops.get(i)?, plans.get(i)?)))
-                    .collect();
-                let mut call = Call::new(&ADMIT, 2 * listed.len(), 5 + 10 * listed.len());
-                for (_, _, plan) in &listed {
+                let listed = || {
+                    members
+                        .iter()
+                        .filter_map(|&i| Some((i, ops.get(i)?, plans.get(i)?)))
+                };
+                let n = listed().count();
+                let mut call = Call::new(&ADMIT, 2 * n, 5 + 10 * n);
+                for (_, _, plan) in listed() {
                     call.key(&plan.keys.state).key(&plan.keys.holds);
                 }
                 call.arg(now)
@@ -1692,7 +1695,7 @@ impl Store for RedisStore {
                     .arg(deadline)
                     .arg(self.grace)
                     .arg(members.len());
-                for &(i, op, plan) in &listed {
+                for (i, op, plan) in listed() {
                     let (limit, p, q) = rate_args(&op.rate, plan.window_start, plan.window_end);
                     call.arg(plan.ty)
                         .arg(op.id.as_str())
@@ -1777,16 +1780,18 @@ impl Store for RedisStore {
         let calls = groups
             .iter()
             .map(|members| {
-                let listed: Vec<(&Settlement, &CounterKeys)> = members
-                    .iter()
-                    .filter_map(|&i| Some((settlements.get(i)?, keys.get(i)?)))
-                    .collect();
-                let mut call = Call::new(&SETTLE, 2 * listed.len(), 3 + 9 * listed.len());
-                for (_, k) in &listed {
+                let listed = || {
+                    members
+                        .iter()
+                        .filter_map(|&i| Some((settlements.get(i)?, keys.get(i)?)))
+                };
+                let n = listed().count();
+                let mut call = Call::new(&SETTLE, 2 * n, 3 + 9 * n);
+                for (_, k) in listed() {
                     call.key(&k.state).key(&k.holds);
                 }
                 call.arg(now).arg(self.grace).arg(members.len());
-                for &(s, _) in &listed {
+                for (s, _) in listed() {
                     let window_end = match s.op.rate {
                         Rate::Fixed { window, .. } => window.end(s.window_start),
                         _ => 0,
