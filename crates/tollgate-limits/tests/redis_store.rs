@@ -52,9 +52,7 @@ fn config(url: Option<String>, cluster: Option<Vec<String>>) -> RedisConfig {
 }
 
 tollgate_limits::store_suite!(redis, prefix = format!("{}/single/", run_id()), || async {
-    RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap()
+    shared_store().await
 });
 
 // The same contract with settlements held and added up before they are written
@@ -288,6 +286,22 @@ fn fixed(id: &str, limit: u64, commit: u64, reserve: u64) -> CounterOp {
         reserve,
         replica: false,
     }
+}
+
+/// An after-mode token counter: a fixed one-minute window `id` that takes nothing at
+/// admission and needs room under `limit`.
+fn after_mode(id: &str, limit: u64) -> CounterOp {
+    CounterOp {
+        need: Need::Room,
+        ..fixed(id, limit, 0, 0)
+    }
+}
+
+/// A store on the shared Redis (each test keeps to key prefixes of its own).
+async fn shared_store() -> RedisStore {
+    RedisStore::connect(config(Some(SHARED_URL.into()), None))
+        .await
+        .unwrap()
 }
 
 fn rid() -> ReservationId {
@@ -867,15 +881,10 @@ async fn local_admissions_settle_locally() {
 /// is what keeps those shortcuts honest.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_key_has_an_expiry() {
-    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap();
+    let store = shared_store().await;
     let now = SystemClock.now_ms();
     let base = format!("{}/ttl/", run_id());
-    let after = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{base}after"), 100, 0, 0)
-    };
+    let after = after_mode(&format!("{base}after"), 100);
     let reserve = fixed(&format!("{base}reserve"), 100, 0, 10);
     let requests = CounterOp {
         kind: CounterKind::Requests,
@@ -972,14 +981,9 @@ async fn every_key_has_an_expiry() {
 /// write of the store has landed, the next ones read again and see it.
 #[tokio::test]
 async fn concurrent_reads_of_one_counter_share_one_round_trip() {
-    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap();
+    let store = shared_store().await;
     let now = SystemClock.now_ms();
-    let tokens = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{}/shared-reads/tokens", run_id()), 1_000, 0, 0)
-    };
+    let tokens = after_mode(&format!("{}/shared-reads/tokens", run_id()), 1_000);
     let one = std::slice::from_ref(&tokens);
     let mut spent = 0;
     for charge in [40, 5] {
@@ -1018,10 +1022,7 @@ async fn concurrent_reads_of_one_counter_share_one_round_trip() {
     assert_eq!(store.shared_read_counts(), (sent + 2, joined));
     spent += 7;
     // Reads of different counters are not shared.
-    let other = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{}/shared-reads/other", run_id()), 1_000, 0, 0)
-    };
+    let other = after_mode(&format!("{}/shared-reads/other", run_id()), 1_000);
     let (sent, joined) = store.shared_read_counts();
     let (a, b) = tokio::join!(
         store.admit(now, one, rid(), 0),
@@ -1041,14 +1042,9 @@ async fn concurrent_reads_of_one_counter_share_one_round_trip() {
 /// take its reply (the counter's value after the charge) instead of sending an `HMGET`.
 #[tokio::test]
 async fn admissions_join_a_charge_that_is_out() {
-    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap();
+    let store = shared_store().await;
     let now = SystemClock.now_ms();
-    let tokens = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{}/charge-reads/tokens", run_id()), 1_000, 0, 0)
-    };
+    let tokens = after_mode(&format!("{}/charge-reads/tokens", run_id()), 1_000);
     let one = std::slice::from_ref(&tokens);
     store
         .settle(now, &[charge_at(&tokens, now, 30)])
@@ -1085,15 +1081,10 @@ async fn admissions_join_a_charge_that_is_out() {
 /// through the script (due holds released first).
 #[tokio::test]
 async fn reads_and_plain_charges_keep_the_script_invariants() {
-    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap();
+    let store = shared_store().await;
     let now = SystemClock.now_ms();
     let base = format!("{}/plain/", run_id());
-    let tokens = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{base}tokens"), 100, 0, 0)
-    };
+    let tokens = after_mode(&format!("{base}tokens"), 100);
     let r = rid();
     let a = store
         .admit(now, std::slice::from_ref(&tokens), r, 0)
@@ -1143,10 +1134,7 @@ async fn reads_and_plain_charges_keep_the_script_invariants() {
     assert_eq!(views[0].reset_at, window_end);
 
     // Saturation, as the scripts do it.
-    let big = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{base}big"), u64::MAX, 0, 0)
-    };
+    let big = after_mode(&format!("{base}big"), u64::MAX);
     let r = rid();
     let a = store
         .admit(now, std::slice::from_ref(&big), r, 0)
@@ -1172,10 +1160,7 @@ async fn reads_and_plain_charges_keep_the_script_invariants() {
     let held = fixed(&format!("{base}tokens2"), 100, 0, 90);
     let r = rid();
     store.admit(now, &[held], r, now + 10).await.unwrap();
-    let check = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{base}tokens2"), 100, 0, 0)
-    };
+    let check = after_mode(&format!("{base}tokens2"), 100);
     let a = store
         .admit(now + 20, std::slice::from_ref(&check), rid(), 0)
         .await
@@ -1232,9 +1217,7 @@ async fn charge_each_once(
 /// every one lands exactly once, spread over several counters.
 #[tokio::test]
 async fn concurrent_plain_charges_land_exactly_once() {
-    let store = RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap();
+    let store = shared_store().await;
     charges_land_exactly_once(store, "batch", 4).await;
 }
 
@@ -1258,10 +1241,7 @@ async fn charges_land_exactly_once(store: RedisStore, tag: &str, counters: u64) 
     let now = SystemClock.now_ms();
     let base = format!("{}/{tag}/", run_id());
     let ops: Vec<CounterOp> = (0..counters)
-        .map(|i| CounterOp {
-            need: Need::Room,
-            ..fixed(&format!("{base}c{i}"), 1_000_000, 0, 0)
-        })
+        .map(|i| after_mode(&format!("{base}c{i}"), 1_000_000))
         .collect();
     charge_each_once(&store, now, &ops, 300).await;
     for (i, op) in (0..counters).zip(&ops) {
@@ -1294,10 +1274,7 @@ async fn a_full_batch_does_not_wait_for_its_interval() {
         .unwrap(),
     );
     let now = SystemClock.now_ms();
-    let op = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{}/full-batch/c", run_id()), 1_000_000, 0, 0)
-    };
+    let op = after_mode(&format!("{}/full-batch/c", run_id()), 1_000_000);
     let calls = (1..=8u64).map(|n| {
         let store = store.clone();
         let op = op.clone();
@@ -1361,14 +1338,9 @@ async fn cached_reads_stand_two_intervals_then_are_read_again() {
     })
     .await
     .unwrap();
-    let other = RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap();
+    let other = shared_store().await;
     let t = next_minute();
-    let op = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{}/cached/c", run_id()), 10, 0, 0)
-    };
+    let op = after_mode(&format!("{}/cached/c", run_id()), 10);
     // Learned: 0.
     assert!(matches!(
         check(&cached, t, &op).await,
@@ -1427,10 +1399,7 @@ async fn a_counter_this_replica_writes_is_not_read_again() {
     .await
     .unwrap();
     let t = next_minute();
-    let op = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{}/fresh/c", run_id()), 1_000_000, 0, 0)
-    };
+    let op = after_mode(&format!("{}/fresh/c", run_id()), 1_000_000);
     for k in 0..20u64 {
         let now = t + 5 * k;
         let r = rid();
@@ -1458,14 +1427,9 @@ async fn cached_reads_learn_from_this_replicas_writes() {
     })
     .await
     .unwrap();
-    let other = RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap();
+    let other = shared_store().await;
     let t = next_minute();
-    let op = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{}/learned/c", run_id()), 7, 0, 0)
-    };
+    let op = after_mode(&format!("{}/learned/c", run_id()), 7);
     // Learned: 0 (stands 100 ms of engine time, which stays at t here).
     let r = rid();
     let a = cached
@@ -1508,14 +1472,9 @@ async fn held_charges_count_in_this_replicas_checks() {
         .await
         .unwrap(),
     );
-    let other = RedisStore::connect(config(Some(SHARED_URL.into()), None))
-        .await
-        .unwrap();
+    let other = shared_store().await;
     let now = SystemClock.now_ms();
-    let op = CounterOp {
-        need: Need::Room,
-        ..fixed(&format!("{}/held/c", run_id()), 10, 0, 0)
-    };
+    let op = after_mode(&format!("{}/held/c", run_id()), 10);
     let r = rid();
     let a = batched
         .admit(now, std::slice::from_ref(&op), r, 0)
