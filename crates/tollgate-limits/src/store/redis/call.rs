@@ -1,8 +1,8 @@
 //! One script call written straight into one `EVALSHA` command.
 //!
 //! redis-rs's `ScriptInvocation` keeps each key and argument in a buffer of its own and
-//! copies them all into a command when it is sent. That is about 16 allocations for a
-//! one-counter charge, and there is one script call per admission or settlement batch.
+//! copies them all into a command when it is sent: about 10 allocations per request more
+//! than this (callgrind, quickstart policies on Redis, 200 req/s).
 //! A [`Call`] writes `EVALSHA <sha> <number of keys>`, the keys, then the arguments into
 //! one command buffer as they come. So a caller adds every key first, and states how many
 //! up front. A call whose keys do not add up to that number is refused unsent (a client
