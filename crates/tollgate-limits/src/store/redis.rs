@@ -846,7 +846,7 @@ impl RedisStore {
                 // One pass of this thread's scheduler first: the settlements of every
                 // request that finishes in it join this round instead of the next. It
                 // costs a charge no wait on an idle thread; at saturation it cut the
-                // script calls per request by a third (see the README's figures).
+                // script calls per request by a third (see bench/RESULTS.md).
                 tokio::task::yield_now().await;
             }
             let (args, answers): (Vec<Vec<ChargeArgs>>, Vec<_>) = {
