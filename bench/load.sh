@@ -16,7 +16,8 @@
 #   --redis           add two rows: the same gateway with its counters on Redis (127.0.0.1:6379,
 #                     a key prefix of its own), without and with storage.redis.batching (5ms,
 #                     cached reads); a memory-vs-Redis comparison at two loads both hold (with the
-#                     box's busy cores and the proxy's context switches per request); and the
+#                     box's busy cores and the proxy's context switches per request; the
+#                     compared targets take turns run by run); and the
 #                     accuracy bench (admitted ÷ limit, one gateway and three replicas on Redis)
 #   --jwt             add a row: JWT auth (the Gloo seed's token, cached verification)
 #                     and three token tiers (minute/hour/day) per `sub`
@@ -36,8 +37,11 @@
 #   STREAM_MS_PER_TOKEN [0] pacing of the simulated stream (0 = all tokens at once; 1 = a
 #                           real model's pace, which is what time-to-first-byte is about)
 #   DURATION [5s] WARMUP [1s]  per run; RUNS [3] runs per measurement (the median is shown)
-#   REDIS_RATE              with --redis: the one fixed load at which memory and Redis counters
-#                           are compared [half and a quarter of the Redis row's saturation]
+#   REDIS_RATE              with --redis: the fixed loads (req/s, space-separated) at which memory
+#                           and Redis counters are compared [half and a quarter of the Redis
+#                           row's saturation]
+#   REDIS_RUNS [5]          runs per target at each of those loads, the targets taking turns
+#                           (p99 on a shared box drifts by milliseconds: more runs than RUNS)
 #   LOAD_THREADS [1]        tokio threads of the load generator (leave cores for the servers)
 #   WORKERS                 proxy threads of every tollgate (server.workers) and of the floor
 #                           (--workers) [their default: one per CPU]. On a small box that the
@@ -96,6 +100,7 @@ STREAM_MS_PER_TOKEN=${STREAM_MS_PER_TOKEN:-0}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 RUNS=${RUNS:-3}
+REDIS_RUNS=${REDIS_RUNS:-5}
 LOAD_THREADS=${LOAD_THREADS:-1}
 WORKERS=${WORKERS:-}
 [[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: WORKERS must be a positive number" >&2; exit 2; }
@@ -410,50 +415,74 @@ ctx_switches() {
 now_ns() { date +%s%N; }
 
 declare -A RPS P50 P99 TTFB50 TTFB99 BAD BUSY CTX
-# measure KEY URL [RATE]: RUNS runs, medians stored under KEY; BUSY is how many of the
-# machine's cores were busy during a run (every process: load generator, proxy, simulator,
+# Each run's figures, space-separated per KEY, until `summarize` takes their medians.
+declare -A R_RPS R_P50 R_P99 R_T50 R_T99 R_BAD R_BUSY R_CTX R_N
+# run_once KEY URL [RATE]: one run, its figures appended under KEY; BUSY is how many of the
+# machine's cores were busy during it (every process: load generator, proxy, simulator,
 # Redis), so a fixed-load figure taken on a saturated box reads as such.
-measure() {
-  local key=$1 url=$2 rate=${3:-} i line rps=() p50=() p99=() t50=() t99=() bad=() busy=() ok req err
-  local rate_args=() t0 t1 pid=${PIDOF[${key#*_}]:-} c0 c1 w0 w1 ctx=()
+run_once() {
+  local key=$1 url=$2 rate=${3:-} line ok req err
+  local rate_args=() t0 t1 pid=${PIDOF[${key#*_}]:-} c0 c1 w0 w1
   [[ -n $rate ]] && rate_args=(--rate "$rate")
-  for i in $(seq 1 "$RUNS"); do
-    t0=$(cpu_ticks)
-    [[ -n $pid ]] && { c0=$(ctx_switches "$pid"); w0=$(now_ns); }
-    line=$("$LOAD" --url "$url" --body "$BODY" -H "$(auth_for "${key#*_}")" -c "$C" -d "$DURATION" \
-      --warmup "$WARMUP" --threads "$LOAD_THREADS" "${rate_args[@]}" "${STREAM_FLAG[@]}")
-    t1=$(cpu_ticks)
-    [[ -n $pid ]] && { c1=$(ctx_switches "$pid"); w1=$(now_ns); }
-    busy+=("$(awk -v a="$t0" -v b="$t1" -v n="$cores" 'BEGIN { split(a, x, " "); split(b, y, " ");
-      d = y[2] - x[2]; printf "%.2f", (d > 0 ? n * (y[1] - x[1]) / d : 0) }')")
-    echo "$key run $i: $line" >>"$TMP/runs.log"
-    rps+=("$(field "$line" rps)")
-    # Per request: the switch rate over the whole run (warm-up included) over the
-    # measured request rate.
-    [[ -n $pid ]] && ctx+=("$(awk -v c="$((c1 - c0))" -v w="$((w1 - w0))" -v r="$(field "$line" rps)" \
-      'BEGIN { printf "%.2f", (w > 0 && r > 0 ? c / (w / 1e9) / r : 0) }')")
-    p50+=("$(nested "$line" latency_us p50)")
-    p99+=("$(nested "$line" latency_us p99)")
-    if [[ $MODE == stream ]]; then
-      t50+=("$(nested "$line" ttfb_us p50)")
-      t99+=("$(nested "$line" ttfb_us p99)")
-    fi
-    req=$(field "$line" requests); err=$(field "$line" errors)
-    ok=$(nested "$line" status 200); ok=${ok:-0}
-    bad+=("$((req - ok + err + $(field "$line" not_sent)))")
-    log "  $key run $i/$RUNS: $(field "$line" rps) req/s, p50 $(nested "$line" latency_us p50) us, p99 $(nested "$line" latency_us p99) us"
-  done
-  RPS[$key]=$(median "${rps[@]}")
-  P50[$key]=$(median "${p50[@]}")
-  P99[$key]=$(median "${p99[@]}")
-  BAD[$key]=$(median "${bad[@]}")
-  BUSY[$key]=$(median "${busy[@]}")
-  CTX[$key]=-
-  [[ -n $pid ]] && CTX[$key]=$(median "${ctx[@]}")
+  R_N[$key]=$((${R_N[$key]:-0} + 1))
+  t0=$(cpu_ticks)
+  [[ -n $pid ]] && { c0=$(ctx_switches "$pid"); w0=$(now_ns); }
+  line=$("$LOAD" --url "$url" --body "$BODY" -H "$(auth_for "${key#*_}")" -c "$C" -d "$DURATION" \
+    --warmup "$WARMUP" --threads "$LOAD_THREADS" "${rate_args[@]}" "${STREAM_FLAG[@]}")
+  t1=$(cpu_ticks)
+  [[ -n $pid ]] && { c1=$(ctx_switches "$pid"); w1=$(now_ns); }
+  R_BUSY[$key]+=" $(awk -v a="$t0" -v b="$t1" -v n="$cores" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    d = y[2] - x[2]; printf "%.2f", (d > 0 ? n * (y[1] - x[1]) / d : 0) }')"
+  echo "$key run ${R_N[$key]}: $line" >>"$TMP/runs.log"
+  R_RPS[$key]+=" $(field "$line" rps)"
+  # Per request: the switch rate over the whole run (warm-up included) over the
+  # measured request rate.
+  [[ -n $pid ]] && R_CTX[$key]+=" $(awk -v c="$((c1 - c0))" -v w="$((w1 - w0))" -v r="$(field "$line" rps)" \
+    'BEGIN { printf "%.2f", (w > 0 && r > 0 ? c / (w / 1e9) / r : 0) }')"
+  R_P50[$key]+=" $(nested "$line" latency_us p50)"
+  R_P99[$key]+=" $(nested "$line" latency_us p99)"
   if [[ $MODE == stream ]]; then
-    TTFB50[$key]=$(median "${t50[@]}")
-    TTFB99[$key]=$(median "${t99[@]}")
+    R_T50[$key]+=" $(nested "$line" ttfb_us p50)"
+    R_T99[$key]+=" $(nested "$line" ttfb_us p99)"
   fi
+  req=$(field "$line" requests); err=$(field "$line" errors)
+  ok=$(nested "$line" status 200); ok=${ok:-0}
+  R_BAD[$key]+=" $((req - ok + err + $(field "$line" not_sent)))"
+  log "  $key run ${R_N[$key]}: $(field "$line" rps) req/s, p50 $(nested "$line" latency_us p50) us, p99 $(nested "$line" latency_us p99) us"
+}
+# summarize KEY: the medians of KEY's runs.
+summarize() {
+  local key=$1
+  # The lists are numbers, split into arguments on purpose.
+  RPS[$key]=$(median ${R_RPS[$key]})
+  P50[$key]=$(median ${R_P50[$key]})
+  P99[$key]=$(median ${R_P99[$key]})
+  BAD[$key]=$(median ${R_BAD[$key]})
+  BUSY[$key]=$(median ${R_BUSY[$key]})
+  CTX[$key]=-
+  [[ -n ${R_CTX[$key]:-} ]] && CTX[$key]=$(median ${R_CTX[$key]})
+  if [[ $MODE == stream ]]; then
+    TTFB50[$key]=$(median ${R_T50[$key]})
+    TTFB99[$key]=$(median ${R_T99[$key]})
+  fi
+}
+# measure KEY URL [RATE]: RUNS runs in a row, medians stored under KEY.
+measure() {
+  local i
+  for i in $(seq 1 "$RUNS"); do run_once "$@"; done
+  summarize "$1"
+}
+# measure_interleaved PREFIX RATE TARGET...: REDIS_RUNS rounds, each running every TARGET once
+# at RATE (stored under PREFIX_TARGET), so what the box does over the minutes a
+# comparison takes (other work, thermal, the host) falls on every target alike instead of
+# on whichever ran last.
+measure_interleaved() {
+  local prefix=$1 rate=$2 i t
+  shift 2
+  for i in $(seq 1 "$REDIS_RUNS"); do
+    for t in "$@"; do run_once "${prefix}_$t" "${URL[$t]}" "$rate"; done
+  done
+  for t in "$@"; do summarize "${prefix}_$t"; done
 }
 
 cores=$(nproc 2>/dev/null || echo "?")
@@ -474,9 +503,11 @@ if [[ $MODE == table ]]; then
   # than the Redis row sustains on a small box): half and a quarter of the Redis row's
   # saturation. At half, every process on this shared box together may already keep
   # both cores busy (the "box CPU" column says), and p99 then measures the contention.
+  # The targets of one load take turns run by run (see measure_interleaved): their
+  # differences are what is read here, and a p99 drifts by milliseconds over minutes.
   if [[ -n ${GWPORT[tollgate-redis]:-} && -n $GW_PORT ]]; then
     if [[ -n ${REDIS_RATE:-} ]]; then
-      RRATES=("$REDIS_RATE")
+      read -r -a RRATES <<<"$REDIS_RATE"
     else
       RRATES=("$(awk -v r="${RPS[sat_tollgate-redis]}" 'BEGIN { printf "%d", r / 2 }')"
               "$(awk -v r="${RPS[sat_tollgate-redis]}" 'BEGIN { printf "%d", r / 4 }')")
@@ -486,10 +517,8 @@ if [[ $MODE == table ]]; then
     [[ -n $FLOOR_REDIS_PORT ]] && RPAIR+=(floor floor-redis)
     for j in "${!RRATES[@]}"; do
       [[ ${RRATES[$j]} -ge 1 ]] || RRATES[$j]=1
-      for t in "${RPAIR[@]}"; do
-        log "fixed load ${RRATES[$j]} req/s (memory vs Redis), $t..."
-        measure "fixr${j}_$t" "${URL[$t]}" "${RRATES[$j]}"
-      done
+      log "fixed load ${RRATES[$j]} req/s (memory vs Redis), interleaved: ${RPAIR[*]}..."
+      measure_interleaved "fixr${j}" "${RRATES[$j]}" "${RPAIR[@]}"
     done
   fi
 
@@ -512,6 +541,7 @@ if [[ $MODE == table ]]; then
   if [[ -n ${RRATES:-} ]]; then
     echo
     echo "memory vs Redis counters (same policies; Redis on 127.0.0.1:6379, sharing the cores;"
+    echo "median of $REDIS_RUNS runs per target, the targets taking turns;"
     echo "box CPU = cores busy during the run, every process together, of $cores;"
     echo "switches = context switches of the proxy's threads per request):"
     printf '%-32s %-24s %10s %10s %10s %8s %8s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "box CPU" "switches" "failed/unsent"
