@@ -60,8 +60,9 @@
 # each closed-loop at saturation (CONCURRENCY workers) and open-loop at a fixed offered load
 # of a quarter of the direct saturation throughput (latency measured from the scheduled send
 # time, so queueing is not hidden: a target that cannot sustain the offered load shows a
-# lower req/s, huge percentiles and unsent requests). Every figure is the median of RUNS runs. Every request
-# (to every target) carries the same `Authorization: APIKEY iamafreeuser` header.
+# lower req/s, huge percentiles and unsent requests). Every figure is the median of RUNS runs;
+# the targets of one table take turns run by run. Every request (to every target) carries
+# the same `Authorization: APIKEY iamafreeuser` header.
 #
 # Everything listens on 127.0.0.1 on free ports; every process started here is stopped on
 # exit. All processes share this machine's cores: the load generator, the proxy under test
@@ -466,20 +467,15 @@ summarize() {
     TTFB99[$key]=$(median ${R_T99[$key]})
   fi
 }
-# measure KEY URL [RATE]: RUNS runs in a row, medians stored under KEY.
+# measure ROUNDS PREFIX RATE TARGET...: ROUNDS rounds, each running every TARGET once at
+# RATE (closed loop when empty), medians stored under PREFIX_TARGET. The targets take
+# turns so that what the box does over the minutes a table takes (other work, the host)
+# falls on every target alike instead of on whichever ran last: the figures are compared
+# with each other.
 measure() {
-  local i
-  for i in $(seq 1 "$RUNS"); do run_once "$@"; done
-  summarize "$1"
-}
-# measure_interleaved PREFIX RATE TARGET...: REDIS_RUNS rounds, each running every TARGET once
-# at RATE (stored under PREFIX_TARGET), so what the box does over the minutes a
-# comparison takes (other work, thermal, the host) falls on every target alike instead of
-# on whichever ran last.
-measure_interleaved() {
-  local prefix=$1 rate=$2 i t
-  shift 2
-  for i in $(seq 1 "$REDIS_RUNS"); do
+  local rounds=$1 prefix=$2 rate=$3 i t
+  shift 3
+  for i in $(seq 1 "$rounds"); do
     for t in "$@"; do run_once "${prefix}_$t" "${URL[$t]}" "$rate"; done
   done
   for t in "$@"; do summarize "${prefix}_$t"; done
@@ -489,22 +485,18 @@ cores=$(nproc 2>/dev/null || echo "?")
 log "measuring: $MODE mode, ${RUNS} runs x (${WARMUP} warm-up + ${DURATION}) per figure, $cores cores shared by all processes"
 
 if [[ $MODE == table ]]; then
-  for t in "${TARGETS[@]}"; do
-    log "saturation, $t (c=$C)..."
-    measure "sat_$t" "${URL[$t]}"
-  done
+  log "saturation (c=$C), in turns: ${TARGETS[*]}..."
+  measure "$RUNS" sat "" "${TARGETS[@]}"
   RATE=$(awk -v r="${RPS[sat_direct]}" 'BEGIN { printf "%d", r / 4 }')
   [[ $RATE -ge 1 ]] || RATE=1
-  for t in "${TARGETS[@]}"; do
-    log "fixed load $RATE req/s, $t..."
-    measure "fix_$t" "${URL[$t]}" "$RATE"
-  done
+  log "fixed load $RATE req/s, in turns: ${TARGETS[*]}..."
+  measure "$RUNS" fix "$RATE" "${TARGETS[@]}"
   # Memory vs Redis at loads both can hold (the quarter-of-direct load above may be more
   # than the Redis row sustains on a small box): half and a quarter of the Redis row's
   # saturation. At half, every process on this shared box together may already keep
   # both cores busy (the "box CPU" column says), and p99 then measures the contention.
-  # The targets of one load take turns run by run (see measure_interleaved): their
-  # differences are what is read here, and a p99 drifts by milliseconds over minutes.
+  # More rounds than RUNS: differences of p99 are what is read here, and a p99 on this
+  # box drifts by milliseconds over minutes.
   if [[ -n ${GWPORT[tollgate-redis]:-} && -n $GW_PORT ]]; then
     if [[ -n ${REDIS_RATE:-} ]]; then
       read -r -a RRATES <<<"$REDIS_RATE"
@@ -517,14 +509,14 @@ if [[ $MODE == table ]]; then
     [[ -n $FLOOR_REDIS_PORT ]] && RPAIR+=(floor floor-redis)
     for j in "${!RRATES[@]}"; do
       [[ ${RRATES[$j]} -ge 1 ]] || RRATES[$j]=1
-      log "fixed load ${RRATES[$j]} req/s (memory vs Redis), interleaved: ${RPAIR[*]}..."
-      measure_interleaved "fixr${j}" "${RRATES[$j]}" "${RPAIR[@]}"
+      log "fixed load ${RRATES[$j]} req/s (memory vs Redis), in turns: ${RPAIR[*]}..."
+      measure "$REDIS_RUNS" "fixr${j}" "${RRATES[$j]}" "${RPAIR[@]}"
     done
   fi
 
   echo
   echo "tollgate end-to-end benchmark: POST $PATH_ (non-streaming, max_tokens 16), simulator latency 0"
-  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores; proxy threads: ${WORKERS:-one per core}"
+  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up), the targets taking turns; $C connections; load generator threads: $LOAD_THREADS; cores: $cores; proxy threads: ${WORKERS:-one per core}"
   echo "req/s is the throughput achieved; failed/unsent = non-2xx + transport errors + requests due but never sent"
   echo
   printf '%-32s %-24s %10s %10s %10s %12s %6s\n' "target" "load" "req/s" "p50 us" "p99 us" "p50 vs direct" "failed/unsent"
@@ -578,13 +570,11 @@ if [[ $MODE == table ]]; then
     done
   fi
 else
-  for t in "${TARGETS[@]}"; do
-    log "stream, $t (c=$C)..."
-    measure "str_$t" "${URL[$t]}"
-  done
+  log "stream (c=$C), in turns: ${TARGETS[*]}..."
+  measure "$RUNS" str "" "${TARGETS[@]}"
   echo
   echo "tollgate streaming overhead: POST $PATH_ stream=true include_usage, $STREAM_TOKENS tokens (ms_per_token $SIM_PACE)"
-  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up); $C connections; load generator threads: $LOAD_THREADS; cores: $cores; proxy threads: ${WORKERS:-one per core}"
+  echo "median of $RUNS runs x $DURATION (after $WARMUP warm-up), the targets taking turns; $C connections; load generator threads: $LOAD_THREADS; cores: $cores; proxy threads: ${WORKERS:-one per core}"
   echo
   printf '%-32s %10s %12s %12s %12s %12s %6s\n' "target" "streams/s" "TTFB p50 us" "TTFB p99 us" "total p50 us" "total p99 us" "failed/unsent"
   printf '%-32s %10s %12s %12s %12s %12s %6s\n' "------" "---------" "-----------" "-----------" "------------" "------------" "-------------"
