@@ -13,7 +13,7 @@
 #   --install-nginx   apt-get install nginx when it is missing (adds the nginx row)
 #   --no-nginx        skip the nginx row even when nginx is installed
 #   --no-gateway      skip the tollgate row (to try the harness alone)
-#   --redis           add two rows: the same gateway with its counters on Redis (127.0.0.1:6379,
+#   --redis           add two rows: the same gateway with its counters on Redis ($REDIS_URL,
 #                     a key prefix of its own), without and with storage.redis.batching (5ms,
 #                     cached reads); a memory-vs-Redis comparison at two loads both hold (with the
 #                     box's busy cores and the proxy's context switches per request; the
@@ -40,6 +40,8 @@
 #   REDIS_RATE              with --redis: the fixed loads (req/s, space-separated) at which memory
 #                           and Redis counters are compared [half and a quarter of the Redis
 #                           row's saturation]
+#   REDIS_URL               the Redis of --redis [redis://127.0.0.1:6379]; one on a box of
+#                           its own no longer takes cores from the proxy under test
 #   REDIS_RUNS [5]          runs per target at each of those loads, the targets taking turns
 #                           (p99 on a shared box drifts by milliseconds: more runs than RUNS)
 #   LOAD_THREADS [1]        tokio threads of the load generator (leave cores for the servers)
@@ -102,6 +104,7 @@ DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 RUNS=${RUNS:-3}
 REDIS_RUNS=${REDIS_RUNS:-5}
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 LOAD_THREADS=${LOAD_THREADS:-1}
 WORKERS=${WORKERS:-}
 [[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: WORKERS must be a positive number" >&2; exit 2; }
@@ -256,12 +259,18 @@ start_gateway() {
   GWPORT[$name]=$port
 }
 if [[ $USE_GATEWAY == 1 && $USE_REDIS == 1 ]]; then
-  redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || die "--redis needs a Redis on 127.0.0.1:6379"
-  sed -e "s/^  kind: memory/  kind: redis\n  redis:\n    url: redis:\/\/127.0.0.1:6379\n    key_prefix: tgbench-$$\n    timeout: 200ms/" \
+  redis-cli -u "$REDIS_URL" ping >/dev/null 2>&1 || die "--redis needs a Redis at $REDIS_URL"
+  # redis_storage PREFIX [EXTRA]: the storage block that replaces `kind: memory`, as a sed
+  # replacement (`\n` for each new line; EXTRA is written the same way).
+  redis_storage() {
+    printf '  kind: redis\\n  redis:\\n    url: %s\\n    key_prefix: %s\\n    timeout: 200ms%s' \
+      "$REDIS_URL" "$1" "${2:-}"
+  }
+  sed -e "s|^  kind: memory|$(redis_storage "tgbench-$$")|" \
       "$TMP/tollgate.yaml" >"$TMP/tollgate-redis.yaml"
   sed -i -e "s/127\.0\.0\.1:$GW_PORT/127.0.0.1:8080/" -e "s/127\.0\.0\.1:$ADMIN_PORT/127.0.0.1:9901/" "$TMP/tollgate-redis.yaml"
   start_gateway tollgate-redis "$TMP/tollgate-redis.yaml"
-  sed -e "s/^  kind: memory/  kind: redis\n  redis:\n    url: redis:\/\/127.0.0.1:6379\n    key_prefix: tgbench-$$-batch\n    timeout: 200ms\n    batching: { flush_interval: 5ms }/" \
+  sed -e "s|^  kind: memory|$(redis_storage "tgbench-$$-batch" '\n    batching: { flush_interval: 5ms }')|" \
       "$TMP/tollgate.yaml" >"$TMP/tollgate-redis-batch.yaml"
   sed -i -e "s/127\.0\.0\.1:$GW_PORT/127.0.0.1:8080/" -e "s/127\.0\.0\.1:$ADMIN_PORT/127.0.0.1:9901/" "$TMP/tollgate-redis-batch.yaml"
   start_gateway tollgate-redis-batch "$TMP/tollgate-redis-batch.yaml"
@@ -346,7 +355,7 @@ FLOOR_REDIS_PORT=""
 if [[ $USE_FLOORS == 1 && $USE_REDIS == 1 ]]; then
   FLOOR_REDIS_PORT=$(free_port)
   "$FLOOR" --listen "127.0.0.1:$FLOOR_REDIS_PORT" --upstream "127.0.0.1:$SIM_PORT" "${FLOOR_WORKERS[@]}" \
-    --redis redis://127.0.0.1:6379 --redis-key "tgbench-$$-floor" >"$TMP/floor-redis.log" 2>&1 &
+    --redis "$REDIS_URL" --redis-key "tgbench-$$-floor" >"$TMP/floor-redis.log" 2>&1 &
   PIDS+=($!)
   PIDOF[floor-redis]=$!
   wait_http "http://127.0.0.1:$FLOOR_REDIS_PORT/v1/models" "tollgate-floor --redis" "$TMP/floor-redis.log"
@@ -532,7 +541,7 @@ if [[ $MODE == table ]]; then
   done
   if [[ -n ${RRATES:-} ]]; then
     echo
-    echo "memory vs Redis counters (same policies; Redis on 127.0.0.1:6379, sharing the cores;"
+    echo "memory vs Redis counters (same policies; Redis at $REDIS_URL;"
     echo "median of $REDIS_RUNS runs per target, the targets taking turns;"
     echo "box CPU = cores busy during the run, every process together, of $cores;"
     echo "switches = context switches of the proxy's threads per request):"
@@ -590,7 +599,7 @@ echo
 if [[ $MODE == table && $USE_REDIS == 1 ]]; then
   if [[ $BUILD == 1 ]]; then
     echo "tokens admitted ÷ limit (cargo bench -p tollgate --bench accuracy):"
-    (cd "$ROOT" && cargo bench -q -p tollgate --bench accuracy 2>/dev/null) || log "accuracy bench failed"
+    (cd "$ROOT" && REDIS_URL="$REDIS_URL" cargo bench -q -p tollgate --bench accuracy 2>/dev/null) || log "accuracy bench failed"
   else
     log "--no-build: skipping the accuracy bench (cargo bench -p tollgate --bench accuracy)"
   fi

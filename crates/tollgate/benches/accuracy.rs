@@ -5,8 +5,8 @@
 //! ~100-token calls against a 1,000-token/minute budget until refused, for `after`
 //! (charge after the call) and `reserve` (hold an estimate at admission) accounting.
 //! Then the same with three gateway replicas sharing one budget on Redis
-//! (127.0.0.1:6379), clients spread over the replicas, without and with settlements batched
-//! (`storage.redis.batching`).
+//! (`REDIS_URL`, by default redis://127.0.0.1:6379), clients spread over the replicas,
+//! without and with settlements batched (`storage.redis.batching`).
 //! Prints: mode, replicas, limit, concurrency, requests admitted, tokens admitted, ÷ limit.
 //!
 //!   cargo bench -p tollgate --bench accuracy
@@ -74,7 +74,7 @@ async fn run(
     replicas: usize,
     batching: Option<(&str, bool)>,
 ) -> (u64, u64) {
-    // Replicas share counters through Redis (127.0.0.1:6379, a prefix of this run's own),
+    // Replicas share counters through Redis (`REDIS_URL`, a prefix of this run's own),
     // optionally with settlements batched (`storage.redis.batching.flush_interval`), with
     // or without cached reads.
     let batching = batching
@@ -84,7 +84,8 @@ async fn run(
         .unwrap_or_default();
     let storage = if replicas > 1 {
         format!(
-            "storage:\n  kind: redis\n  redis:\n    url: redis://127.0.0.1:6379\n    key_prefix: tgbench-acc-{}-{mode}\n    timeout: 500ms\n{batching}  on_error: fail_closed\n",
+            "storage:\n  kind: redis\n  redis:\n    url: {}\n    key_prefix: tgbench-acc-{}-{mode}\n    timeout: 500ms\n{batching}  on_error: fail_closed\n",
+            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
             rand_id() % 1_000_000_000
         )
     } else {
