@@ -425,55 +425,57 @@ ctx_switches() {
 now_ns() { date +%s%N; }
 
 declare -A RPS P50 P99 TTFB50 TTFB99 BAD BUSY CTX
-# Each run's figures, space-separated per KEY, until `summarize` takes their medians.
-declare -A R_RPS R_P50 R_P99 R_T50 R_T99 R_BAD R_BUSY R_CTX R_N
-# run_once KEY URL [RATE]: one run, its figures appended under KEY; BUSY is how many of the
-# machine's cores were busy during it (every process: load generator, proxy, simulator,
-# Redis), so a fixed-load figure taken on a saturated box reads as such.
+# Each run's figures until `summarize` takes their medians: RAW[KEY.FIGURE] is a
+# space-separated list; `add` appends to one, `runs_median` reads one.
+declare -A RAW
+add() { RAW[$1.$2]+=" $3"; }
+runs_median() { median ${RAW[$1.$2]}; } # the list is numbers, split into arguments on purpose
+# run_once KEY URL RATE RUN: run RUN of KEY (closed loop when RATE is empty), its figures
+# added under KEY; busy is how many of the machine's cores were busy during it (every
+# process: load generator, proxy, simulator, Redis), so a fixed-load figure taken on a
+# saturated box reads as such.
 run_once() {
-  local key=$1 url=$2 rate=${3:-} line ok req err
+  local key=$1 url=$2 rate=$3 run=$4 line ok req err
   local rate_args=() t0 t1 pid=${PIDOF[${key#*_}]:-} c0 c1 w0 w1
   [[ -n $rate ]] && rate_args=(--rate "$rate")
-  R_N[$key]=$((${R_N[$key]:-0} + 1))
   t0=$(cpu_ticks)
   [[ -n $pid ]] && { c0=$(ctx_switches "$pid"); w0=$(now_ns); }
   line=$("$LOAD" --url "$url" --body "$BODY" -H "$(auth_for "${key#*_}")" -c "$C" -d "$DURATION" \
     --warmup "$WARMUP" --threads "$LOAD_THREADS" "${rate_args[@]}" "${STREAM_FLAG[@]}")
   t1=$(cpu_ticks)
   [[ -n $pid ]] && { c1=$(ctx_switches "$pid"); w1=$(now_ns); }
-  R_BUSY[$key]+=" $(awk -v a="$t0" -v b="$t1" -v n="$cores" 'BEGIN { split(a, x, " "); split(b, y, " ");
+  add "$key" busy "$(awk -v a="$t0" -v b="$t1" -v n="$cores" 'BEGIN { split(a, x, " "); split(b, y, " ");
     d = y[2] - x[2]; printf "%.2f", (d > 0 ? n * (y[1] - x[1]) / d : 0) }')"
-  echo "$key run ${R_N[$key]}: $line" >>"$TMP/runs.log"
-  R_RPS[$key]+=" $(field "$line" rps)"
+  echo "$key run $run: $line" >>"$TMP/runs.log"
+  add "$key" rps "$(field "$line" rps)"
   # Per request: the switch rate over the whole run (warm-up included) over the
   # measured request rate.
-  [[ -n $pid ]] && R_CTX[$key]+=" $(awk -v c="$((c1 - c0))" -v w="$((w1 - w0))" -v r="$(field "$line" rps)" \
+  [[ -n $pid ]] && add "$key" ctx "$(awk -v c="$((c1 - c0))" -v w="$((w1 - w0))" -v r="$(field "$line" rps)" \
     'BEGIN { printf "%.2f", (w > 0 && r > 0 ? c / (w / 1e9) / r : 0) }')"
-  R_P50[$key]+=" $(nested "$line" latency_us p50)"
-  R_P99[$key]+=" $(nested "$line" latency_us p99)"
+  add "$key" p50 "$(nested "$line" latency_us p50)"
+  add "$key" p99 "$(nested "$line" latency_us p99)"
   if [[ $MODE == stream ]]; then
-    R_T50[$key]+=" $(nested "$line" ttfb_us p50)"
-    R_T99[$key]+=" $(nested "$line" ttfb_us p99)"
+    add "$key" t50 "$(nested "$line" ttfb_us p50)"
+    add "$key" t99 "$(nested "$line" ttfb_us p99)"
   fi
   req=$(field "$line" requests); err=$(field "$line" errors)
   ok=$(nested "$line" status 200); ok=${ok:-0}
-  R_BAD[$key]+=" $((req - ok + err + $(field "$line" not_sent)))"
-  log "  $key run ${R_N[$key]}: $(field "$line" rps) req/s, p50 $(nested "$line" latency_us p50) us, p99 $(nested "$line" latency_us p99) us"
+  add "$key" bad "$((req - ok + err + $(field "$line" not_sent)))"
+  log "  $key run $run: $(field "$line" rps) req/s, p50 $(nested "$line" latency_us p50) us, p99 $(nested "$line" latency_us p99) us"
 }
 # summarize KEY: the medians of KEY's runs.
 summarize() {
   local key=$1
-  # The lists are numbers, split into arguments on purpose.
-  RPS[$key]=$(median ${R_RPS[$key]})
-  P50[$key]=$(median ${R_P50[$key]})
-  P99[$key]=$(median ${R_P99[$key]})
-  BAD[$key]=$(median ${R_BAD[$key]})
-  BUSY[$key]=$(median ${R_BUSY[$key]})
+  RPS[$key]=$(runs_median "$key" rps)
+  P50[$key]=$(runs_median "$key" p50)
+  P99[$key]=$(runs_median "$key" p99)
+  BAD[$key]=$(runs_median "$key" bad)
+  BUSY[$key]=$(runs_median "$key" busy)
   CTX[$key]=-
-  [[ -n ${R_CTX[$key]:-} ]] && CTX[$key]=$(median ${R_CTX[$key]})
+  [[ -n ${RAW[$key.ctx]:-} ]] && CTX[$key]=$(runs_median "$key" ctx)
   if [[ $MODE == stream ]]; then
-    TTFB50[$key]=$(median ${R_T50[$key]})
-    TTFB99[$key]=$(median ${R_T99[$key]})
+    TTFB50[$key]=$(runs_median "$key" t50)
+    TTFB99[$key]=$(runs_median "$key" t99)
   fi
 }
 # measure ROUNDS PREFIX RATE TARGET...: ROUNDS rounds, each running every TARGET once at
@@ -485,7 +487,7 @@ measure() {
   local rounds=$1 prefix=$2 rate=$3 i t
   shift 3
   for i in $(seq 1 "$rounds"); do
-    for t in "$@"; do run_once "${prefix}_$t" "${URL[$t]}" "$rate"; done
+    for t in "$@"; do run_once "${prefix}_$t" "${URL[$t]}" "$rate" "$i/$rounds"; done
   done
   for t in "$@"; do summarize "${prefix}_$t"; done
 }
